@@ -1,0 +1,32 @@
+"""The HTTP API: `create_app()` builds the Flask app; gunicorn serves `api:create_app()`."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask
+
+from shared.logs import configure_logging
+from shared.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app; settings come from the environment, overridden by `config`."""
+    from api import errors, health, jobs, models, openapi
+    from api.services import Services
+
+    settings = load_settings(config)
+    configure_logging(settings.LOG_LEVEL)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    svc = Services.build(settings)
+    app.extensions["predq"] = svc
+    loaded = svc.registry.load_all()
+    log.info("models loaded", extra={"models": [f"{m.name}/{m.version}" for m in loaded]})
+    for bp in (health.bp, models.bp, jobs.bp, openapi.bp):
+        app.register_blueprint(bp)
+    errors.register_error_handlers(app)
+    return app

@@ -1,0 +1,53 @@
+"""The one error handler: every error becomes the contract's JSON body, never a stack trace or HTML."""
+from __future__ import annotations
+
+import logging
+
+import orjson
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import PredqError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+    411: "length_required", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited",
+}
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict | None = None) -> Response:
+    body: dict = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    response = Response(orjson.dumps({"error": body}), status=status, mimetype="application/json")
+    for k, v in (headers or {}).items():
+        response.headers[k] = v
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(PredqError)
+    def _predq(e: PredqError) -> Response:
+        return error_response(e.status, e.code, e.message, e.details, e.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException) -> Response:
+        status = e.code or 500
+        if status == 404:
+            message = f"No route {request.path}; see GET /openapi.json for the routes."
+        elif status == 405:
+            allowed = ", ".join(e.valid_methods or []) if hasattr(e, "valid_methods") else ""
+            message = f"{request.method} is not allowed on {request.path}" + (f"; use {allowed}." if allowed else ".")
+        elif status == 413:
+            message = "The request body is larger than this service accepts."
+        else:
+            message = e.description or e.name
+        return error_response(status, _HTTP_CODES.get(status, "http_error"), message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "The service failed to handle this request; it has been logged.")

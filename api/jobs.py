@@ -1,0 +1,289 @@
+"""Batch jobs: create from JSON rows or a streamed upload, then status, listing, results, errors, cancel, delete."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from flask import Blueprint, Response, request, stream_with_context
+
+from api import schemas
+from api.openapi import operation, path, query
+from api.parsing import MultipartUpload, is_json, json_body, option_fields, parse_bool, validated
+from api.services import Services, services
+from shared import blobs, writers
+from shared.dispatch import send_chunk
+from shared.errors import (EmptyInput, InvalidParameter, InvalidParameterValue, JobFinished, JobModelNotFound,
+                           JobNotFinished, JobNotFound, JobRunning, MissingColumns, ModelNotFound, PredqError,
+                           UnsupportedMediaType)
+from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
+from shared.jobs import Job, JobOptions, Status
+from shared.readers import Batch, detect_format, open_reader
+from shared.records import records_batches
+from shared.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__)
+
+_RESERVED_ID_COLUMNS = ("row", "prediction", "code", "message")
+
+
+class SourceNotAllowed(PredqError):
+    status, code = 403, "source_not_allowed"
+
+
+def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(payload), status=status, mimetype="application/json", headers=headers)
+
+
+def _resolve_model(req: schemas.JobRequest) -> ModelVersion:
+    try:
+        return services().registry.get(req.model, req.version)
+    except ModelNotFound as e:
+        raise JobModelNotFound(e.message) from e
+
+
+def _check_columns(mv: ModelVersion, columns: list[str], id_column: str | None) -> None:
+    """A header or schema must carry every feature, and the id column when one is named."""
+    present = set(columns)
+    missing = [f.name for f in mv.features if f.name not in present]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise MissingColumns(f"The input lacks {len(missing)} of the model's features: {shown}.",
+                             details={"missing": missing})
+    if id_column and id_column not in present:
+        raise InvalidParameterValue(f"id_column {id_column!r} is not a column of the input.",
+                                    details={"fields": [{"name": "id_column", "code": "invalid_parameter",
+                                                         "message": "not a column of the input"}]})
+
+
+def _check_options(req: schemas.JobRequest) -> None:
+    if req.id_column in _RESERVED_ID_COLUMNS:
+        raise InvalidParameterValue(
+            f"id_column may not be named {req.id_column!r}: results already have a column of that name.",
+            details={"fields": [{"name": "id_column", "code": "invalid_parameter", "message": "reserved name"}]})
+    if req.source is not None:
+        raise SourceNotAllowed("Reading a source URI is not enabled on this service: no allowed roots are configured.")
+
+
+def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_format: str,
+            batches: Iterable[Batch], n_columns: int) -> Job:
+    """Create the job at the first batch, store and send each chunk as it fills, and close the input.
+
+    Any error before the input is complete removes the job and everything it wrote.
+    """
+    s = svc.settings
+    iterator = iter(batches)
+    first = next(iterator, None)
+    while first is not None and not first.table.num_rows and not first.errors:
+        first = next(iterator, None)
+    if first is None:
+        raise EmptyInput("The input has no rows.")
+    options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
+                         max_error_rate=req.max_error_rate)
+    job_id = svc.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options,
+                              metadata=req.metadata or {}, source_format=source_format)
+
+    def emit(index: int, table: pa.Table, row_errors: list) -> None:
+        table = narrow_numeric_text(table, mv)
+        blob = blobs.encode(table, s.CHUNK_COMPRESSION, row_errors)
+        outcome = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
+        if outcome == "queued":
+            send_chunk(svc.celery, job_id, index)
+        elif outcome == "gone":
+            raise JobNotFound("The job was deleted while its input was being read.")
+
+    chunker = Chunker(chunk_rows_for(n_columns, req.chunk_size, s.CHUNK_SIZE, s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS), emit)
+    try:
+        chunker.add(first)
+        for batch in iterator:
+            chunker.add(batch)
+        chunker.close()
+        svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
+    except BaseException:
+        svc.store.discard(job_id)
+        raise
+    job = svc.store.get(job_id)
+    assert job is not None
+    return job
+
+
+def _from_json(svc: Services) -> Job:
+    data = json_body(request, svc.settings.MAX_JSON_BYTES)
+    if isinstance(data, dict):
+        merged = option_fields({k: v for k, v in request.args.items()})
+        merged.update(data)
+        data = merged
+    req = validated(schemas.JobRequest, data)
+    _check_options(req)
+    mv = _resolve_model(req)
+    if req.rows is None:
+        raise InvalidParameter("The body needs 'rows' (an array of objects) or 'source'.",
+                               details={"fields": [{"name": "rows", "code": "missing", "message": "Field required"}]})
+    if not req.rows:
+        raise EmptyInput("'rows' is empty; send at least one object.")
+    wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
+    seen = {k for r in req.rows[:1000] if isinstance(r, dict) for k in r}
+    if req.id_column and req.id_column not in seen:
+        _check_columns(mv, [f.name for f in mv.features], req.id_column)
+    size = chunk_rows_for(len(wanted), req.chunk_size, svc.settings.CHUNK_SIZE, svc.settings.CHUNK_TARGET_CELLS,
+                          svc.settings.MAX_CHUNK_ROWS)
+    return _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), len(wanted))
+
+
+def _from_upload(svc: Services) -> Job:
+    upload = MultipartUpload(request)
+    if not upload.read_until_file():
+        raise InvalidParameter("The multipart body has no part named 'file'.",
+                               details={"fields": [{"name": "file", "code": "missing", "message": "Field required"}]})
+    raw = option_fields({k: v for k, v in request.args.items()})
+    raw.update(option_fields(upload.fields))
+    req = validated(schemas.JobRequest, raw)
+    _check_options(req)
+    mv = _resolve_model(req)
+    fmt = detect_format(upload.filename, upload.content_type)
+    wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
+    reader = open_reader(fmt, upload.file(), wanted=wanted, spool_dir=svc.settings.SPOOL_DIR)
+    with reader:
+        _check_columns(mv, reader.columns, req.id_column)
+        return _ingest(svc, mv, req, fmt, reader, len(wanted))
+
+
+@bp.post("/v1/jobs")
+@operation("post", "/v1/jobs", summary="Create a batch job",
+           params=[query(n, {"type": "string"}, "An option, as in the JSON body.") for n in
+                   ("model", "version", "id_column", "probabilities", "chunk_size", "max_error_rate", "metadata")],
+           body={"application/json": {"model": schemas.JobRequest},
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                     "model": {"type": "string"}, "version": {"type": "string"}, "id_column": {"type": "string"},
+                     "probabilities": {"type": "boolean"}, "chunk_size": {"type": "integer"},
+                     "max_error_rate": {"type": "number"}, "metadata": {"type": "string"},
+                     "file": {"type": "string", "format": "binary",
+                              "description": "CSV with a header row, JSON Lines or Parquet; options go before it."}}}}},
+           responses={202: schemas.Job, 400: None, 403: None, 413: None, 415: None, 422: None})
+def create_job() -> Response:
+    """Rows are split into chunks as they arrive; workers start on the first chunks before the upload ends."""
+    svc = services()
+    if is_json(request):
+        job = _from_json(svc)
+    elif request.mimetype == "multipart/form-data":
+        job = _from_upload(svc)
+    else:
+        raise UnsupportedMediaType(f"Content type {request.mimetype or 'none'} is not accepted; send application/json "
+                                   "with 'rows', or multipart/form-data with a 'file' part.")
+    log.info("job created", extra={"job_id": job.id, "model": job.model, "model_version": job.version,
+                                   "rows": job.total})
+    return _json(job.to_public(), 202, {"Location": f"/v1/jobs/{job.id}"})
+
+
+def _job(job_id: str) -> Job:
+    job = services().store.get(job_id)
+    if job is None:
+        raise JobNotFound(f"No job {job_id!r}; it never existed or its results have expired.")
+    return job
+
+
+@bp.get("/v1/jobs")
+@operation("get", "/v1/jobs", summary="List jobs, newest first",
+           params=[query("status", {"type": "string", "enum": [s.value for s in Status]}),
+                   query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+                   query("cursor", {"type": "string"}, "next_cursor of the previous page.")],
+           responses={200: schemas.JobList, 400: None})
+def list_jobs() -> Response:
+    """A page of jobs; pass `next_cursor` back as `cursor` for the next one."""
+    status = request.args.get("status") or None
+    if status is not None and status not in {s.value for s in Status}:
+        raise InvalidParameter(f"Unknown status {status!r}; use one of {', '.join(s.value for s in Status)}.",
+                               details={"fields": [{"name": "status", "code": "invalid_parameter", "message": "unknown status"}]})
+    raw_limit = request.args.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise InvalidParameter(f"limit must be a whole number from 1 to 100, not {raw_limit!r}.",
+                               details={"fields": [{"name": "limit", "code": "invalid_parameter", "message": "1 to 100"}]})
+    cursor = request.args.get("cursor") or None
+    if cursor is not None and (not cursor.startswith("job_") or len(cursor) != 30):
+        raise InvalidParameter("cursor is not one this service gave out; pass next_cursor from the previous page.",
+                               details={"fields": [{"name": "cursor", "code": "invalid_parameter", "message": "unknown cursor"}]})
+    jobs, next_cursor = services().store.list(status=status, limit=int(raw_limit), cursor=cursor)
+    return _json({"data": [j.to_public() for j in jobs], "next_cursor": next_cursor})
+
+
+@bp.get("/v1/jobs/<job_id>")
+@operation("get", "/v1/jobs/{job_id}", summary="A job's status", params=[path("job_id")],
+           responses={200: schemas.Job, 404: None})
+def get_job(job_id: str) -> Response:
+    """Status, counts, progress and speed of one job."""
+    return _json(_job(job_id).to_public())
+
+
+def _tables(job: Job, kind: str) -> Iterator[pa.Table]:
+    chunk_count = job.chunks_total if job.chunks_total is not None else job.chunks_seen
+    for blob in services().store.iter_blobs(job.id, kind, chunk_count):
+        table, _ = blobs.decode(blob)
+        yield table
+
+
+def _download(job_id: str, kind: str, formats: tuple[str, ...]) -> Response:
+    fmt = request.args.get("format", "jsonl")
+    if fmt not in formats:
+        raise InvalidParameter(f"format must be one of {', '.join(formats)}, not {fmt!r}.",
+                               details={"fields": [{"name": "format", "code": "invalid_parameter", "message": "unknown format"}]})
+    partial = parse_bool("partial", request.args.get("partial"))
+    job = _job(job_id)
+    if not job.status.terminal and not partial:
+        raise JobNotFinished(f"Job {job_id} is {job.status.value}; wait for a terminal status or pass partial=true.")
+    id_fields = [pa.field(job.options.id_column, pa.string())] if job.options.id_column else []
+    if kind == "results":
+        empty = pa.schema([pa.field("row", pa.int64()), *id_fields, pa.field("prediction", pa.string())])
+    else:
+        empty = pa.schema([pa.field("row", pa.int64()), *id_fields, pa.field("code", pa.string()),
+                           pa.field("message", pa.string())])
+    body = writers.stream(fmt, _tables(job, kind), empty)
+    return Response(stream_with_context(body), mimetype=writers.MEDIA_TYPES[fmt], headers={
+        "Content-Disposition": f'attachment; filename="{job_id}-{kind}.{fmt}"'})
+
+
+@bp.get("/v1/jobs/<job_id>/results")
+@operation("get", "/v1/jobs/{job_id}/results", summary="Download results",
+           params=[path("job_id"), query("format", {"type": "string", "enum": ["jsonl", "csv", "parquet"], "default": "jsonl"}),
+                   query("partial", {"type": "boolean"}, "Stream the rows finished so far of an unfinished job.")],
+           responses={200: "application/x-ndjson", 400: None, 404: None, 409: None})
+def results(job_id: str) -> Response:
+    """One record per succeeded row, in input order."""
+    return _download(job_id, "results", ("jsonl", "csv", "parquet"))
+
+
+@bp.get("/v1/jobs/<job_id>/errors")
+@operation("get", "/v1/jobs/{job_id}/errors", summary="Download row errors",
+           params=[path("job_id"), query("format", {"type": "string", "enum": ["jsonl", "csv"], "default": "jsonl"}),
+                   query("partial", {"type": "boolean"})],
+           responses={200: "application/x-ndjson", 400: None, 404: None, 409: None})
+def errors(job_id: str) -> Response:
+    """One record per failed row, in input order: row, the id column, code, message."""
+    return _download(job_id, "errors", ("jsonl", "csv"))
+
+
+@bp.post("/v1/jobs/<job_id>/cancel")
+@operation("post", "/v1/jobs/{job_id}/cancel", summary="Cancel a job", params=[path("job_id")],
+           responses={202: schemas.Job, 404: None, 409: None})
+def cancel(job_id: str) -> Response:
+    """Chunks not yet started are skipped; finished ones stay downloadable."""
+    outcome = services().store.stop(job_id, "cancel")
+    if outcome == "gone":
+        raise JobNotFound(f"No job {job_id!r}; it never existed or its results have expired.")
+    if outcome == "finished":
+        raise JobFinished(f"Job {job_id} has already finished; there is nothing to cancel.")
+    return _json(_job(job_id).to_public(), 202)
+
+
+@bp.delete("/v1/jobs/<job_id>")
+@operation("delete", "/v1/jobs/{job_id}", summary="Delete a finished job and its results", params=[path("job_id")],
+           responses={204: None, 404: None, 409: None})
+def delete(job_id: str) -> Response:
+    """A terminal job and its results are removed now; cancel a running job first."""
+    job = _job(job_id)
+    if not job.status.terminal:
+        raise JobRunning(f"Job {job_id} is {job.status.value}; cancel it first, then delete it.")
+    services().store.discard(job_id)
+    return Response(status=204)

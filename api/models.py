@@ -1,0 +1,139 @@
+"""Model metadata and synchronous predictions."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+from flask import Blueprint, Response, request
+
+from api import schemas
+from api.openapi import operation, path, query
+from api.parsing import json_body, parse_bool
+from api.services import services
+from shared.errors import EmptyInput, InvalidInput, PredqError, TooManyRows
+from shared.prediction import Scored, json_value, predict, validate
+from shared.registry import ModelVersion
+
+bp = Blueprint("models", __name__)
+
+_VERSION = query("version", {"type": "string"}, "A model version; the newest when left out.")
+_PROBAS = query("probabilities", {"type": "boolean"}, "Add class probabilities (classifiers).")
+
+
+class PredictionFailed(PredqError):
+    status, code = 422, "prediction_failed"
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
+
+
+def _model() -> ModelVersion:
+    return services().registry.get(request.view_args["name"], request.args.get("version") or None)
+
+
+@bp.get("/v1/models")
+@operation("get", "/v1/models", summary="List models", responses={200: schemas.ModelList})
+def list_models() -> Response:
+    """One entry per model name, describing its newest version, with every version listed."""
+    reg = services().registry
+    data = []
+    for name in reg.names():
+        try:
+            data.append(reg.describe(reg.get(name)))
+        except PredqError:
+            continue
+    return _json({"data": data})
+
+
+@bp.get("/v1/models/<name>")
+@operation("get", "/v1/models/{name}", summary="Describe a model", params=[path("name"), _VERSION],
+           responses={200: schemas.Model, 404: None})
+def get_model(name: str) -> Response:
+    """The newest version of a model, or the one named by `version`."""
+    reg = services().registry
+    return _json(reg.describe(_model()))
+
+
+def _scored_rows(mv: ModelVersion, scored: Scored, n: int, probabilities: bool) -> tuple[list, list | None]:
+    predictions: list[Any] = [None] * n
+    probas: list[Any] | None = [None] * n if probabilities else None
+    classes = [str(c) for c in (mv.classes or [])]
+    for k, pos in enumerate(scored.positions.tolist()):
+        predictions[pos] = json_value(scored.predictions[k])
+        if probas is not None and scored.probabilities is not None:
+            probas[pos] = dict(zip(classes, scored.probabilities[k].tolist()))
+    return predictions, probas
+
+
+def _one(mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> Response:
+    validation = validate(mv, columns, 1)
+    if not validation.valid[0]:
+        fields = validation.field_errors(0)
+        raise InvalidInput(f"The row is invalid: {fields[0]['message']}.", details={"fields": fields})
+    scored = predict(mv, validation, probabilities, services().settings.BISECT_MAX_PREDICT_CALLS)
+    if not len(scored.positions):
+        raise PredictionFailed(f"The model could not predict this row: {scored.error_messages[0]}.")
+    body: dict[str, Any] = {"model": {"name": mv.name, "version": mv.version},
+                            "prediction": json_value(scored.predictions[0])}
+    if probabilities and scored.probabilities is not None:
+        body["probabilities"] = dict(zip((str(c) for c in mv.classes or []), scored.probabilities[0].tolist()))
+    return _json(body)
+
+
+def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:
+    objects = [i for i, r in enumerate(rows) if isinstance(r, dict)]
+    columns = {f.name: [rows[i].get(f.name) for i in objects] for f in mv.features}
+    validation = validate(mv, columns, len(objects))
+    scored = predict(mv, validation, probabilities, services().settings.BISECT_MAX_PREDICT_CALLS)
+    index = np.array(objects, dtype=np.int64)
+    scored.positions = index[scored.positions] if len(objects) else scored.positions
+    errors = [{"row": int(index[p]), "code": c, "message": m}
+              for p, c, m in zip(scored.error_positions.tolist(), scored.error_codes, scored.error_messages)]
+    errors += [{"row": i, "code": "malformed_row", "message": f"row {i} is not a JSON object"}
+               for i, r in enumerate(rows) if not isinstance(r, dict)]
+    errors.sort(key=lambda e: e["row"])
+    predictions, probas = _scored_rows(mv, scored, len(rows), probabilities and mv.task == "classification")
+    body: dict[str, Any] = {"model": {"name": mv.name, "version": mv.version}, "predictions": predictions}
+    if probas is not None:
+        body["probabilities"] = probas
+    body["errors"] = errors
+    return _json(body)
+
+
+@bp.post("/v1/models/<name>/predict")
+@operation("post", "/v1/models/{name}/predict", summary="Predict one row or a few",
+           params=[path("name"), _VERSION, _PROBAS],
+           body={"application/json": {"schema": {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}},
+           responses={200: schemas.PredictOne, 400: None, 404: None, 413: None, 415: None, 422: None})
+def predict_post(name: str) -> Response:
+    """One object answers with one prediction; an array answers with a prediction or an error per row."""
+    probabilities = parse_bool("probabilities", request.args.get("probabilities"))
+    s = services().settings
+    body = json_body(request, s.MAX_JSON_BYTES)
+    mv = _model()
+    if isinstance(body, dict):
+        return _one(mv, {f.name: [body.get(f.name)] for f in mv.features}, probabilities)
+    if isinstance(body, list):
+        if not body:
+            raise EmptyInput("The array has no rows; send at least one object.")
+        if len(body) > s.SYNC_MAX_ROWS:
+            raise TooManyRows(f"{len(body)} rows is more than the {s.SYNC_MAX_ROWS} a synchronous call takes; "
+                              "submit them as a batch job with POST /v1/jobs.")
+        return _many(mv, body, probabilities)
+    raise InvalidInput("The body must be a JSON object (one row) or an array of objects (several rows).")
+
+
+@bp.get("/v1/models/<name>/predict")
+@operation("get", "/v1/models/{name}/predict", summary="Predict one row given as query parameters",
+           params=[path("name"), _VERSION, _PROBAS],
+           responses={200: schemas.PredictOne, 400: None, 404: None, 422: None})
+def predict_get(name: str) -> Response:
+    """Each feature is a query parameter; values are parsed by the feature's dtype."""
+    probabilities = parse_bool("probabilities", request.args.get("probabilities"))
+    mv = _model()
+    columns = {f.name: pa.array([request.args[f.name]], type=pa.string())
+               for f in mv.features if f.name in request.args and request.args[f.name] != ""}
+    return _one(mv, columns, probabilities)

@@ -1,0 +1,91 @@
+"""The OpenAPI 3.1 document, built from the schemas the views validate with and the operations they declare."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from api import schemas
+
+bp = Blueprint("openapi", __name__)
+
+_OPERATIONS: list[dict[str, Any]] = []
+_STATUS_TEXT = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Malformed request", 403: "Forbidden",
+                404: "Not found", 405: "Method not allowed", 409: "Conflict", 413: "Too large",
+                415: "Unsupported media type", 422: "Invalid input", 503: "Not ready"}
+
+
+def operation(method: str, path: str, *, summary: str, responses: dict[int, type[BaseModel] | str | None],
+              body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None) -> Callable:
+    """Declare a view's operation for the OpenAPI document (path in OpenAPI's `{name}` form)."""
+    def wrap(view: Callable) -> Callable:
+        _OPERATIONS.append({"method": method.lower(), "path": path, "summary": summary, "responses": responses,
+                            "body": body, "params": params or [], "doc": (view.__doc__ or "").strip()})
+        return view
+    return wrap
+
+
+def query(name: str, schema: dict[str, Any], description: str = "", required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+def path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _content(spec: Any) -> dict[str, Any]:
+    if isinstance(spec, dict):
+        return spec
+    return {"application/json": {"schema": _ref(spec)}}
+
+
+def build() -> dict[str, Any]:
+    models = {schemas.Error}
+    for op in _OPERATIONS:
+        models.update(m for m in op["responses"].values() if isinstance(m, type))
+        for media in (op["body"] or {}).values():
+            if isinstance(media.get("model"), type):
+                models.add(media["model"])
+    _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+                                 ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {}
+    for op in _OPERATIONS:
+        responses = {}
+        for status, model in sorted(op["responses"].items()):
+            entry: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "Response")}
+            if isinstance(model, type):
+                entry["content"] = _content(model)
+            elif isinstance(model, str):
+                entry["content"] = {model: {"schema": {"type": "string"}}}
+            if status >= 400:
+                entry = {"description": _STATUS_TEXT.get(status, "Error"), "content": _content(schemas.Error)}
+            responses[str(status)] = entry
+        item: dict[str, Any] = {"summary": op["summary"], "description": op["doc"], "responses": responses}
+        if op["params"]:
+            item["parameters"] = op["params"]
+        if op["body"]:
+            item["requestBody"] = {"required": True, "content": {
+                media: ({"schema": _ref(spec["model"])} if isinstance(spec.get("model"), type) else {"schema": spec["schema"]})
+                for media, spec in op["body"].items()}}
+        paths.setdefault(op["path"], {})[op["method"]] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "predq", "version": "1", "description": "Predictions from scikit-learn models: "
+                 "synchronous single rows and chunked batch jobs."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": defs.get("$defs", {})},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    import orjson
+
+    return Response(orjson.dumps(build()), mimetype="application/json")

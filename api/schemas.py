@@ -1,0 +1,139 @@
+"""Request and response schemas: they validate requests and they are what /openapi.json describes."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobRequest(_Strict):
+    """Options of POST /v1/jobs: a JSON body, or form fields before the `file` part, or query parameters."""
+
+    model: str = Field(min_length=1, description="Model name.")
+    version: str | None = Field(None, description="Model version; the newest when left out.")
+    rows: list[Any] | None = Field(None, description="Input rows as JSON objects (JSON bodies only).")
+    source: str | None = Field(None, description="A URI the server reads itself; only under allowed roots.")
+    id_column: str | None = Field(None, min_length=1, description="A column passed through to results and errors.")
+    probabilities: bool = Field(False, description="Add probability_<class> columns (classifiers).")
+    chunk_size: int | None = Field(None, ge=1, description="Rows per chunk; chosen from the row width when left out.")
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="Fail the job once more rows than this fraction fail.")
+    metadata: dict[str, str] | None = Field(None, description="Caller's labels, returned with the job.")
+
+
+class ErrorField(BaseModel):
+    name: str
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+class Feature(BaseModel):
+    name: str
+    dtype: Literal["float64", "int64", "bool", "string", "category"]
+
+
+class Model(BaseModel):
+    name: str
+    version: str
+    versions: list[str]
+    sha256: str
+    task: Literal["classification", "regression"]
+    features: list[Feature]
+    classes: list[Any] | None
+    allows_missing: bool
+
+
+class ModelList(BaseModel):
+    data: list[Model]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class RowErrorOut(BaseModel):
+    row: int
+    code: str
+    message: str
+
+
+class PredictOne(BaseModel):
+    model: ModelRef
+    prediction: Any
+    probabilities: dict[str, float] | None = Field(None, description="Only when asked for, for classifiers.")
+
+
+class PredictMany(BaseModel):
+    model: ModelRef
+    predictions: list[Any]
+    probabilities: list[dict[str, float] | None] | None = None
+    errors: list[RowErrorOut]
+
+
+class JobModel(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class Counts(BaseModel):
+    total: int | None
+    succeeded: int
+    failed: int
+    skipped: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Links(BaseModel):
+    self: str
+    results: str
+    errors: str
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "partially_succeeded", "failed", "cancelled"]
+    model: JobModel
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    counts: Counts
+    progress: float | None
+    rows_per_second: float | None
+    eta_seconds: float | None
+    metadata: dict[str, str]
+    schedule: dict[str, str] | None
+    error: JobError | None
+    links: Links
+
+
+class JobList(BaseModel):
+    data: list[Job]
+    next_cursor: str | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, Any]

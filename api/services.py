@@ -1,0 +1,39 @@
+"""What the web process holds for its lifetime: settings, the Redis client, the job store, the registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import current_app
+
+from shared.dispatch import make_celery
+from shared.jobs import JobStore
+from shared.registry import Registry
+from shared.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    registry: Registry
+    celery: Celery
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5,
+                                      health_check_interval=30)
+        return cls(
+            settings=settings,
+            redis=client,
+            store=JobStore(client, result_ttl=settings.RESULT_TTL, max_attempts=settings.MAX_CHUNK_ATTEMPTS,
+                           stale_after=settings.CHUNK_TIME_LIMIT * 2),
+            registry=Registry(settings.MODELS_DIR, settings.MODEL_RESCAN_SECONDS),
+            celery=make_celery(settings),
+        )
+
+
+def services() -> Services:
+    return current_app.extensions["predq"]

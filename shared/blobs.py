@@ -1,0 +1,30 @@
+"""Chunk blobs: Arrow IPC streams with cheap compression, the form chunks take in the store."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+ROW = "__row"
+_PRE_ERRORS = b"predq.row_errors"
+
+
+def encode(table: pa.Table, compression: str | None = "zstd", row_errors: list | None = None) -> bytes:
+    """Serialise a table (and the row errors found while reading it) to one compressed blob."""
+    if row_errors:
+        meta = dict(table.schema.metadata or {})
+        meta[_PRE_ERRORS] = json.dumps([list(e) for e in row_errors]).encode()
+        table = table.replace_schema_metadata(meta)
+    options = pa.ipc.IpcWriteOptions(compression=None if compression in (None, "none") else compression)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def decode(blob: bytes) -> tuple[pa.Table, list[tuple[int, str, str]]]:
+    """The table and the row errors stored with it."""
+    table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+    meta = table.schema.metadata or {}
+    errors = [tuple(e) for e in json.loads(meta[_PRE_ERRORS])] if _PRE_ERRORS in meta else []
+    return table, errors

@@ -1,0 +1,46 @@
+"""The Celery application both sides share: the API sends chunk messages by name, workers run them."""
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings
+
+PROCESS_CHUNK = "predq.process_chunk"
+RECONCILE = "predq.reconcile"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from settings, with the delivery guarantees the design needs."""
+    app = Celery("predq", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.CHUNK_QUEUE,
+        task_routes={PROCESS_CHUNK: {"queue": settings.CHUNK_QUEUE}},
+        task_soft_time_limit=settings.CHUNK_SOFT_TIME_LIMIT,
+        task_time_limit=settings.CHUNK_TIME_LIMIT,
+        broker_transport_options={
+            "visibility_timeout": settings.VISIBILITY_TIMEOUT,
+            "unacked_restore_interval": settings.UNACKED_RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        beat_schedule={
+            "reconcile": {"task": RECONCILE, "schedule": settings.RECONCILE_INTERVAL},
+        },
+    )
+    return app
+
+
+def send_chunk(app: Celery, job_id: str, index: int) -> None:
+    """Send one chunk's message: only the job id and chunk index travel through the broker."""
+    app.send_task(PROCESS_CHUNK, args=[job_id, index])

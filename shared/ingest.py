@@ -1,0 +1,99 @@
+"""Turning an input (a stream of row batches) into stored chunks, sent to workers as each is complete."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shared import blobs
+from shared.prediction import JSON_MIXED_KEY
+from shared.readers import Batch, RowError
+from shared.registry import ModelVersion
+
+
+def chunk_rows_for(n_columns: int, requested: int | None, fixed: int, target_cells: int, max_rows: int) -> int:
+    """Rows per chunk: as asked, else the setting, else sized by row width so every chunk costs about the same."""
+    if requested:
+        return min(requested, max_rows)
+    if fixed:
+        return min(fixed, max_rows)
+    return max(1000, min(max_rows, target_cells // max(n_columns, 1)))
+
+
+def narrow_numeric_text(table: pa.Table, mv: ModelVersion) -> pa.Table:
+    """Cast text columns of numeric features to float64 when every cell parses: smaller blobs, less work later.
+
+    Columns with an unparseable cell stay text; the worker's validation reports those rows. JSON-typed text
+    (a column of mixed JSON types) is left alone: "1.5" there may have been a string, which is invalid_type.
+    """
+    json_mixed = (table.schema.metadata or {}).get(JSON_MIXED_KEY, b"").decode().split(",")
+    for f in mv.features:
+        if f.dtype not in ("float64", "int64") or f.name not in table.column_names or f.name in json_mixed:
+            continue
+        col = table.column(f.name)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            continue
+        try:
+            cast = pc.cast(col, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        table = table.set_column(table.column_names.index(f.name), pa.field(f.name, pa.float64()), cast)
+    return table
+
+
+@dataclass
+class Chunker:
+    """Collects row batches into chunks of `chunk_rows` rows and hands each finished chunk to `emit`."""
+
+    chunk_rows: int
+    emit: Callable[[int, pa.Table, list[RowError]], None]
+    total_rows: int = 0
+    chunks: int = 0
+    _tables: list[pa.Table] = field(default_factory=list)
+    _pending_rows: int = 0
+    _errors: list[RowError] = field(default_factory=list)
+
+    def add(self, batch: Batch) -> None:
+        if self._tables and batch.table.num_rows and not batch.table.schema.equals(self._tables[0].schema, check_metadata=True):
+            # Batches typed differently (JSON Lines blocks of mixed types) cannot share a chunk.
+            self._flush(self._pending_rows)
+        self._errors.extend(batch.errors)
+        if batch.table.num_rows:
+            self._tables.append(batch.table)
+            self._pending_rows += batch.table.num_rows
+        while self._pending_rows >= self.chunk_rows:
+            self._flush(self.chunk_rows)
+
+    def close(self) -> None:
+        if self._pending_rows or self._errors:
+            self._flush(self._pending_rows)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self._tables) if len(self._tables) > 1 else self._tables[0] if self._tables else None
+        if table is not None:
+            head, rest = table.slice(0, n), table.slice(n)
+            self._tables = [rest] if rest.num_rows else []
+            self._pending_rows = rest.num_rows
+        else:
+            head = None
+        if head is not None and head.num_rows and self._tables:
+            # Row errors belong to the chunk whose rows surround them; later ones wait for the next chunk.
+            last = head.column(blobs.ROW)[-1].as_py()
+            errors = [e for e in self._errors if e.row <= last]
+            self._errors = [e for e in self._errors if e.row > last]
+        else:
+            errors, self._errors = self._errors, []
+        if head is None:
+            head = pa.table({blobs.ROW: pa.array([], type=pa.int64())})
+        self.emit(self.chunks, head.combine_chunks(), errors)
+        self.chunks += 1
+        self.total_rows += head.num_rows + len(errors)
+
+
+def run_chunker(batches: Iterable[Batch], chunker: Chunker) -> Chunker:
+    for batch in batches:
+        chunker.add(batch)
+    chunker.close()
+    return chunker

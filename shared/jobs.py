@@ -1,0 +1,315 @@
+"""The job store: a job is a thin view over a Redis hash; every change of state is one Lua script."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from shared import keys, lua
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIALLY_SUCCEEDED = "partially_succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.PARTIALLY_SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A URL-safe id whose lexical order is its creation order (48-bit ms time + 80 random bits)."""
+    value = (int((now or time.time()) * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "job_" + "".join(reversed(chars))
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class JobOptions:
+    id_column: str | None = None
+    probabilities: bool = False
+    chunk_size: int | None = None
+    max_error_rate: float | None = None
+
+
+@dataclass
+class Job:
+    """A read-only view of one job's hash."""
+
+    id: str
+    status: Status
+    model: str
+    version: str
+    sha256: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    total: int | None
+    rows_read: int
+    succeeded: int
+    failed: int
+    skipped: int
+    chunks_total: int | None
+    chunks_seen: int
+    options: JobOptions
+    metadata: dict
+    error_code: str | None
+    error_message: str | None
+    stop: str | None
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> Job:
+        g = {k.decode(): v.decode() for k, v in h.items()}
+        opt = lambda k: g.get(k) or None  # noqa: E731
+        num = lambda k: float(g[k]) if g.get(k) else None  # noqa: E731
+        return cls(
+            id=g["id"], status=Status(g["status"]), model=g["model"], version=g["version"], sha256=g["sha256"],
+            created_at=float(g["created_at"]), started_at=num("started_at"), finished_at=num("finished_at"),
+            total=int(g["total"]) if g.get("total") else None, rows_read=int(g.get("rows_read", 0)),
+            succeeded=int(g.get("succeeded", 0)), failed=int(g.get("failed", 0)), skipped=int(g.get("skipped", 0)),
+            chunks_total=int(g["chunks_total"]) if g.get("chunks_total") else None,
+            chunks_seen=int(g.get("chunks_seen", 0)),
+            options=JobOptions(
+                id_column=opt("id_column"), probabilities=g.get("probabilities") == "1",
+                chunk_size=int(g["chunk_size"]) if g.get("chunk_size") else None,
+                max_error_rate=num("max_error_rate"),
+            ),
+            metadata=json.loads(g.get("metadata") or "{}"),
+            error_code=opt("error_code"), error_message=opt("error_message"), stop=opt("stop"),
+        )
+
+    @property
+    def processed(self) -> int:
+        return self.succeeded + self.failed
+
+    def rows_per_second(self, now: float | None = None) -> float | None:
+        if self.started_at is None or self.processed == 0:
+            return None
+        end = self.finished_at or now or time.time()
+        return round(self.processed / max(end - self.started_at, 1e-3), 1)
+
+    def to_public(self, now: float | None = None) -> dict[str, Any]:
+        """The contract's Job object."""
+        now = now or time.time()
+        accounted = self.processed + self.skipped
+        progress = None if self.total is None else (1.0 if self.total == 0 else round(accounted / self.total, 4))
+        rps = self.rows_per_second(now)
+        eta = None
+        if self.status.terminal:
+            eta = 0.0
+        elif self.total is not None and rps:
+            eta = round(max(self.total - accounted, 0) / rps, 1)
+        error = {"code": self.error_code, "message": self.error_message} if self.error_code else None
+        base = f"/v1/jobs/{self.id}"
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "model": {"name": self.model, "version": self.version, "sha256": self.sha256},
+            "created_at": rfc3339(self.created_at),
+            "started_at": rfc3339(self.started_at),
+            "finished_at": rfc3339(self.finished_at),
+            "counts": {"total": self.total, "succeeded": self.succeeded, "failed": self.failed, "skipped": self.skipped},
+            "progress": progress,
+            "rows_per_second": rps,
+            "eta_seconds": eta,
+            "metadata": self.metadata,
+            "schedule": None,
+            "error": error,
+            "links": {"self": base, "results": f"{base}/results", "errors": f"{base}/errors"},
+        }
+
+
+class JobStore:
+    """Creates, reads and changes jobs in Redis; the only module that knows their keys' layout."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl: int, max_attempts: int = 3, stale_after: float = 900):
+        self.r = client
+        self.result_ttl = result_ttl
+        self.max_attempts = max_attempts
+        self.stale_after = stale_after
+        self._add_chunk = client.register_script(lua.ADD_CHUNK)
+        self._finish_ingest = client.register_script(lua.FINISH_INGEST)
+        self._claim = client.register_script(lua.CLAIM_CHUNK)
+        self._commit = client.register_script(lua.COMMIT_CHUNK)
+        self._skip = client.register_script(lua.SKIP_CHUNK)
+        self._stop = client.register_script(lua.STOP_JOB)
+
+    @staticmethod
+    def _keys(job_id: str) -> list[str]:
+        return [keys.job(job_id), keys.chunks(job_id), keys.inputs(job_id), keys.results(job_id),
+                keys.errors(job_id), keys.done(job_id), keys.running(job_id), keys.attempts(job_id),
+                keys.sent(job_id), keys.ACTIVE_JOBS]
+
+    # -- creation, while the input is read ----------------------------------------------------------
+    def create(self, *, model: str, version: str, sha256: str, options: JobOptions, metadata: dict,
+               source_format: str) -> str:
+        """A new job in `queued` state that is still reading its input."""
+        now = time.time()
+        job_id = new_job_id(now)
+        fields = {
+            "id": job_id, "status": Status.QUEUED.value, "model": model, "version": version, "sha256": sha256,
+            "created_at": repr(now), "ingesting": "1", "format": source_format,
+            "rows_read": 0, "succeeded": 0, "failed": 0, "skipped": 0, "chunks_done": 0, "chunks_seen": 0,
+            "probabilities": "1" if options.probabilities else "0",
+            "metadata": json.dumps(metadata),
+        }
+        if options.id_column:
+            fields["id_column"] = options.id_column
+        if options.chunk_size:
+            fields["chunk_size"] = options.chunk_size
+        if options.max_error_rate is not None:
+            fields["max_error_rate"] = repr(options.max_error_rate)
+        with self.r.pipeline(transaction=True) as p:
+            p.hset(keys.job(job_id), mapping=fields)
+            p.zadd(keys.JOBS, {job_id: 0})
+            p.sadd(keys.ACTIVE_JOBS, job_id)
+            p.execute()
+        return job_id
+
+    def add_chunk(self, job_id: str, index: int, n_rows: int, blob: bytes) -> str:
+        """Store one chunk's input; 'queued' means its message should now be sent."""
+        return self._decode(self._add_chunk(self._keys(job_id), [index, n_rows, blob, time.time(), self.result_ttl]))
+
+    def finish_ingest(self, job_id: str, total: int, chunks_total: int) -> str:
+        return self._decode(self._finish_ingest(self._keys(job_id), [total, chunks_total, time.time(), self.result_ttl]))
+
+    def discard(self, job_id: str) -> None:
+        """Remove every trace of a job (a request that failed before its 202, or DELETE)."""
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(*keys.all_job_keys(job_id))
+            p.zrem(keys.JOBS, job_id)
+            p.srem(keys.ACTIVE_JOBS, job_id)
+            p.execute()
+
+    # -- the worker's side --------------------------------------------------------------------------
+    def claim(self, job_id: str, index: int) -> tuple[str, int, bytes | None]:
+        """Claim a chunk for processing: ('run', attempt, blob), ('poison', attempt, None) or (outcome, 0, None)."""
+        reply = self._claim(self._keys(job_id), [index, time.time(), self.max_attempts])
+        outcome = self._decode(reply[0])
+        attempt = int(reply[1]) if len(reply) > 1 else 0
+        return outcome, attempt, (reply[2] if len(reply) > 2 else None)
+
+    def commit(self, job_id: str, index: int, succeeded: int, failed: int, result_blob: bytes, error_blob: bytes) -> str:
+        """Commit a processed chunk once: 'duplicate' when it was already committed, else the job's state."""
+        return self._decode(self._commit(
+            self._keys(job_id),
+            [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after],
+        ))
+
+    def skip(self, job_id: str, index: int) -> str:
+        return self._decode(self._skip(self._keys(job_id), [index, time.time(), self.result_ttl]))
+
+    def stop(self, job_id: str, how: str, error_code: str = "", error_message: str = "") -> str:
+        """Cancel ('cancel') or fail ('fail') a job: idle chunks are skipped now, running ones may finish."""
+        return self._decode(self._stop(
+            self._keys(job_id), [how, time.time(), self.result_ttl, self.stale_after, error_code, error_message]))
+
+    # -- reading ------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        h = self.r.hgetall(keys.job(job_id))
+        return Job.from_hash(h) if h and b"id" in h else None
+
+    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """Jobs newest first; the cursor is the last id of the previous page."""
+        found: list[Job] = []
+        upper = f"({cursor}" if cursor else "+"
+        while len(found) < limit:
+            ids = [i.decode() for i in self.r.zrevrangebylex(keys.JOBS, upper, "-", start=0, num=max(limit * 2, 50))]
+            if not ids:
+                return found, None
+            with self.r.pipeline(transaction=False) as p:
+                for job_id in ids:
+                    p.hgetall(keys.job(job_id))
+                hashes = p.execute()
+            expired = []
+            for job_id, h in zip(ids, hashes):
+                if not h:
+                    expired.append(job_id)
+                    continue
+                job = Job.from_hash(h)
+                if status is None or job.status.value == status:
+                    found.append(job)
+                    if len(found) == limit:
+                        return found, job.id if self._has_older(job.id, status) else None
+            if expired:
+                self.r.zrem(keys.JOBS, *expired)
+            upper = f"({ids[-1]}"
+        return found, None
+
+    def _has_older(self, job_id: str, status: str | None) -> bool:
+        # A cheap hint: any older id at all. With a status filter the next page may come back empty.
+        return bool(self.r.zrevrangebylex(keys.JOBS, f"({job_id}", "-", start=0, num=1))
+
+    def chunk_rows(self, job_id: str) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.r.hgetall(keys.chunks(job_id)).items()}
+
+    def iter_blobs(self, job_id: str, kind: str, chunk_count: int, batch: int = 8) -> Iterator[bytes]:
+        """Result or error blobs of committed chunks, in input order, a few at a time."""
+        key = keys.results(job_id) if kind == "results" else keys.errors(job_id)
+        for start in range(0, chunk_count, batch):
+            fields = list(range(start, min(start + batch, chunk_count)))
+            for blob in self.r.hmget(key, fields):
+                if blob is not None:
+                    yield blob
+
+    def active_ids(self) -> list[str]:
+        return [i.decode() for i in self.r.smembers(keys.ACTIVE_JOBS)]
+
+    def forget_active(self, job_id: str) -> None:
+        self.r.srem(keys.ACTIVE_JOBS, job_id)
+
+    def last_read_at(self, job_id: str) -> float | None:
+        """When the job's input last delivered a chunk (or the job was created), while it is being read."""
+        read_at, created, ingesting = self.r.hmget(keys.job(job_id), ["read_at", "created_at", "ingesting"])
+        if ingesting != b"1":
+            return None
+        return float(read_at or created or 0)
+
+    def stale_chunks(self, job_id: str, now: float, stale_after: float) -> list[int]:
+        """Chunks not committed whose last message or claim is older than `stale_after` seconds."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hkeys(keys.inputs(job_id))
+            p.smembers(keys.done(job_id))
+            p.hgetall(keys.sent(job_id))
+            p.hgetall(keys.running(job_id))
+            pending, done, sent, running = p.execute()
+        stale = []
+        for raw in pending:
+            if raw in done:
+                continue
+            last = max(float(sent.get(raw, 0)), float(running.get(raw, 0)))
+            if now - last > stale_after:
+                stale.append(int(raw))
+        return sorted(stale)
+
+    def mark_sent(self, job_id: str, index: int) -> None:
+        self.r.hset(keys.sent(job_id), index, repr(time.time()))
+
+    @staticmethod
+    def _decode(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,61 @@
+"""Every Redis key predq writes, in one place.
+
+A job's keys share the hash tag `{<job id>}` so a Lua script may touch all of them on a cluster too.
+"""
+from __future__ import annotations
+
+PREFIX = "predq"
+
+JOBS = f"{PREFIX}:jobs"                  # sorted set, all scores 0, members are job ids (lexically time-ordered)
+ACTIVE_JOBS = f"{PREFIX}:jobs:active"    # set of ids of jobs not yet terminal
+WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat (epoch seconds)
+
+
+def job(job_id: str) -> str:
+    """Hash: the job record (status, counts, options, timestamps)."""
+    return f"{PREFIX}:job:{{{job_id}}}"
+
+
+def chunks(job_id: str) -> str:
+    """Hash: chunk index -> number of input rows in it, written as the input is read."""
+    return f"{job(job_id)}:chunks"
+
+
+def inputs(job_id: str) -> str:
+    """Hash: chunk index -> input blob, deleted once the chunk is committed."""
+    return f"{job(job_id)}:inputs"
+
+
+def results(job_id: str) -> str:
+    """Hash: chunk index -> result blob."""
+    return f"{job(job_id)}:results"
+
+
+def errors(job_id: str) -> str:
+    """Hash: chunk index -> row-error blob."""
+    return f"{job(job_id)}:errors"
+
+
+def done(job_id: str) -> str:
+    """Set: indexes of committed chunks; membership is what makes a commit count once."""
+    return f"{job(job_id)}:done"
+
+
+def running(job_id: str) -> str:
+    """Hash: chunk index -> when a worker last claimed it (epoch seconds)."""
+    return f"{job(job_id)}:running"
+
+
+def attempts(job_id: str) -> str:
+    """Hash: chunk index -> deliveries so far (Redis cannot count redeliveries for us)."""
+    return f"{job(job_id)}:attempts"
+
+
+def sent(job_id: str) -> str:
+    """Hash: chunk index -> when its message was last sent to the broker."""
+    return f"{job(job_id)}:sent"
+
+
+def all_job_keys(job_id: str) -> list[str]:
+    return [job(job_id), chunks(job_id), inputs(job_id), results(job_id), errors(job_id),
+            done(job_id), running(job_id), attempts(job_id), sent(job_id)]

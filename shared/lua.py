@@ -1,0 +1,149 @@
+"""Lua scripts that change a job atomically. Each takes the same KEYS (see JobStore._keys).
+
+KEYS: 1 job, 2 chunks, 3 inputs, 4 results, 5 errors, 6 done, 7 running, 8 attempts, 9 sent, 10 active-jobs set.
+"""
+
+_PRELUDE = r"""
+local job, chunks, inputs, results, errors, done, running, attempts, sent, active =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+
+local TERMINAL = {succeeded=true, partially_succeeded=true, failed=true, cancelled=true}
+
+local function num(key, field)
+  return tonumber(redis.call('HGET', key, field) or '0') or 0
+end
+
+-- Mark one chunk committed as skipped (never processed): its rows count as skipped.
+local function skip_chunk(idx)
+  if redis.call('SADD', done, idx) == 0 then return end
+  redis.call('HINCRBY', job, 'skipped', num(chunks, idx))
+  redis.call('HINCRBY', job, 'chunks_done', 1)
+  redis.call('HDEL', inputs, idx)
+  redis.call('HDEL', running, idx)
+end
+
+-- Skip every chunk that is neither committed nor claimed by a worker in the last stale_after seconds.
+local function skip_idle_chunks(now, stale_after)
+  local all = redis.call('HKEYS', chunks)
+  for _, idx in ipairs(all) do
+    if redis.call('SISMEMBER', done, idx) == 0 then
+      local claimed = tonumber(redis.call('HGET', running, idx) or '0')
+      if claimed == 0 or now - claimed > stale_after then skip_chunk(idx) end
+    end
+  end
+end
+
+-- The one place a job becomes terminal: when its input is fully read and every chunk is committed.
+local function finalise_if_complete(now, ttl)
+  if redis.call('HGET', job, 'ingesting') == '1' then return 'open' end
+  local total = tonumber(redis.call('HGET', job, 'chunks_total') or '-1')
+  if total < 0 or num(job, 'chunks_done') < total then return 'open' end
+  local status = redis.call('HGET', job, 'status')
+  if TERMINAL[status] then return status end
+  local ok, bad = num(job, 'succeeded'), num(job, 'failed')
+  local stop = redis.call('HGET', job, 'stop')
+  if stop == 'cancel' then status = 'cancelled'
+  elseif stop == 'fail' then status = 'failed'
+  elseif ok == 0 and bad > 0 then
+    status = 'failed'
+    redis.call('HSET', job, 'error_code', 'all_rows_failed',
+      'error_message', 'Every row failed; see the errors of this job.')
+  elseif bad > 0 then status = 'partially_succeeded'
+  else status = 'succeeded' end
+  redis.call('HSET', job, 'status', status, 'finished_at', now)
+  if redis.call('HGET', job, 'started_at') == false then redis.call('HSET', job, 'started_at', now) end
+  redis.call('DEL', inputs, running, attempts, sent)
+  for _, key in ipairs({job, chunks, results, errors, done}) do redis.call('EXPIRE', key, ttl) end
+  redis.call('SREM', active, redis.call('HGET', job, 'id'))
+  return status
+end
+"""
+
+# ARGV: idx, nrows, blob, now, ttl -> 'gone' | 'queued' | 'skipped'
+ADD_CHUNK = _PRELUDE + r"""
+local idx, nrows, blob, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+if redis.call('EXISTS', job) == 0 then return 'gone' end
+redis.call('HSET', chunks, idx, nrows)
+redis.call('HINCRBY', job, 'rows_read', nrows)
+redis.call('HINCRBY', job, 'chunks_seen', 1)
+redis.call('HSET', job, 'read_at', now)
+if redis.call('HGET', job, 'stop') then skip_chunk(idx) return 'skipped' end
+redis.call('HSET', inputs, idx, blob)
+redis.call('HSET', sent, idx, now)
+return 'queued'
+"""
+
+# ARGV: total_rows, chunks_total, now, ttl -> status or 'open' | 'gone'
+FINISH_INGEST = _PRELUDE + r"""
+if redis.call('EXISTS', job) == 0 then return 'gone' end
+redis.call('HSET', job, 'total', ARGV[1], 'chunks_total', ARGV[2])
+redis.call('HDEL', job, 'ingesting')
+return finalise_if_complete(tonumber(ARGV[3]), tonumber(ARGV[4]))
+"""
+
+# ARGV: idx, now, max_attempts -> {'gone'} | {'done'} | {'stop'} | {'poison', attempts} | {'run', attempts, blob}
+CLAIM_CHUNK = _PRELUDE + r"""
+local idx, now, max_attempts = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if redis.call('SISMEMBER', done, idx) == 1 then return {'done'} end
+if TERMINAL[redis.call('HGET', job, 'status')] then return {'done'} end
+if redis.call('HGET', job, 'stop') then return {'stop'} end
+local blob = redis.call('HGET', inputs, idx)
+if not blob then return {'gone'} end
+local n = redis.call('HINCRBY', attempts, idx, 1)
+redis.call('HSET', running, idx, now)
+if redis.call('HGET', job, 'status') == 'queued' then
+  redis.call('HSET', job, 'status', 'running', 'started_at', now)
+end
+if n > max_attempts then return {'poison', n, blob} end
+return {'run', n, blob}
+"""
+
+# ARGV: idx, succeeded, failed, result_blob, error_blob, now, ttl, stale_after
+#   -> 'gone' | 'duplicate' | 'open' | terminal status
+COMMIT_CHUNK = _PRELUDE + r"""
+local idx = ARGV[1]
+local ok, bad = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl, stale_after = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if redis.call('EXISTS', job) == 0 then return 'gone' end
+if TERMINAL[redis.call('HGET', job, 'status')] then return 'duplicate' end
+if redis.call('SADD', done, idx) == 0 then return 'duplicate' end
+redis.call('HDEL', inputs, idx)
+redis.call('HDEL', running, idx)
+if ok > 0 then redis.call('HSET', results, idx, ARGV[4]) end
+if bad > 0 then redis.call('HSET', errors, idx, ARGV[5]) end
+redis.call('HINCRBY', job, 'succeeded', ok)
+local failed = redis.call('HINCRBY', job, 'failed', bad)
+redis.call('HINCRBY', job, 'chunks_done', 1)
+local rate = tonumber(redis.call('HGET', job, 'max_error_rate') or '')
+if rate and not redis.call('HGET', job, 'stop') then
+  local processed = num(job, 'succeeded') + failed
+  if failed > rate * processed then
+    redis.call('HSET', job, 'stop', 'fail', 'error_code', 'error_budget_exceeded', 'error_message',
+      string.format('%d of the %d rows processed so far failed, more than max_error_rate %s allows.', failed, processed, tostring(rate)))
+    skip_idle_chunks(now, stale_after)
+  end
+end
+return finalise_if_complete(now, ttl)
+"""
+
+# ARGV: idx, now, ttl -> like COMMIT_CHUNK; for a chunk found while the job is stopping.
+SKIP_CHUNK = _PRELUDE + r"""
+if redis.call('EXISTS', job) == 0 then return 'gone' end
+skip_chunk(ARGV[1])
+return finalise_if_complete(tonumber(ARGV[2]), tonumber(ARGV[3]))
+"""
+
+# ARGV: stop ('cancel'|'fail'), now, ttl, stale_after, error_code, error_message
+#   -> 'gone' | 'finished' | 'open' | terminal status
+STOP_JOB = _PRELUDE + r"""
+if redis.call('EXISTS', job) == 0 then return 'gone' end
+if TERMINAL[redis.call('HGET', job, 'status')] then return 'finished' end
+local now, ttl, stale_after = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if not redis.call('HGET', job, 'stop') then
+  redis.call('HSET', job, 'stop', ARGV[1])
+  if ARGV[5] ~= '' then redis.call('HSET', job, 'error_code', ARGV[5], 'error_message', ARGV[6]) end
+end
+skip_idle_chunks(now, stale_after)
+return finalise_if_complete(now, ttl)
+"""

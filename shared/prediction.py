@@ -1,0 +1,318 @@
+"""The prediction core: validate rows column by column and predict the valid ones in one call.
+
+Pure functions over columns (pyarrow arrays or lists of JSON values), shared by the synchronous
+endpoint and the batch worker so that the two paths cannot disagree.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import sklearn
+
+from shared.registry import Feature, ModelVersion
+
+OK, MISSING, INVALID_TYPE, INVALID_VALUE = 0, 1, 2, 3
+CODE_NAMES = {MISSING: "missing_feature", INVALID_TYPE: "invalid_type", INVALID_VALUE: "invalid_value"}
+NUMERIC = ("float64", "int64", "bool")
+_BOOL_STRINGS = {"true": 1.0, "false": 0.0, "1": 1.0, "0": 0.0, "True": 1.0, "False": 0.0, "TRUE": 1.0, "FALSE": 0.0}
+_NAN_STRINGS = frozenset({"nan", "NaN", "NAN", "-nan", "+nan"})
+JSON_MIXED_KEY = b"predq.json_mixed"
+
+Column = pa.Array | pa.ChunkedArray | Sequence[Any]
+
+
+@dataclass
+class Validation:
+    """The typed valid rows of a batch and the first problem of each invalid one."""
+
+    n_rows: int
+    valid: np.ndarray                       # bool per input row
+    X: Any                                  # ndarray or DataFrame of the valid rows only
+    codes: dict[str, np.ndarray]            # feature -> int8 code per input row
+    values: dict[str, Column]               # the raw columns, for error messages
+
+    def row_errors(self) -> tuple[np.ndarray, list[str], list[str]]:
+        """Positions, codes and messages of the invalid rows, naming the first offending feature."""
+        positions = np.flatnonzero(~self.valid)
+        codes, messages = [], []
+        for pos in positions:
+            problems = self.field_errors(int(pos))
+            codes.append(problems[0]["code"])
+            extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            messages.append(problems[0]["message"] + extra)
+        return positions, codes, messages
+
+    def field_errors(self, pos: int) -> list[dict]:
+        """Every offending feature of one row, as the contract's details.fields."""
+        out = []
+        for name, codes in self.codes.items():
+            code = int(codes[pos])
+            if code:
+                out.append({"name": name, "code": CODE_NAMES[code],
+                            "message": _describe(name, code, _value_at(self.values.get(name), pos))})
+        return out
+
+
+@dataclass
+class Scored:
+    """The outcome of scoring a batch: predictions of the rows that succeeded, errors of the rest."""
+
+    positions: np.ndarray                   # input positions of succeeded rows, ascending
+    predictions: np.ndarray
+    probabilities: np.ndarray | None        # one row per succeeded row, one column per class
+    error_positions: np.ndarray
+    error_codes: list[str] = field(default_factory=list)
+    error_messages: list[str] = field(default_factory=list)
+    predict_calls: int = 0
+
+
+def _value_at(column: Column | None, pos: int) -> Any:
+    if column is None:
+        return None
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        return column[pos].as_py()
+    return column[pos]
+
+
+def _describe(name: str, code: int, value: Any) -> str:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if code == MISSING:
+        return f"feature {name!r} is missing"
+    if code == INVALID_TYPE:
+        return f"feature {name!r} has a value of the wrong type: {shown}"
+    return f"feature {name!r} has an invalid value: {shown}"
+
+
+# -- columns from JSON values (synchronous requests, JSON rows) ---------------------------------------
+
+def _coerce_list(values: Sequence[Any], feature: Feature, allows_missing: bool) -> tuple[np.ndarray, np.ndarray]:
+    n = len(values)
+    codes = np.zeros(n, dtype=np.int8)
+    if feature.dtype in NUMERIC:
+        out = np.empty(n, dtype=np.float64)
+        for i, v in enumerate(values):
+            if v is None:
+                out[i] = math.nan
+                if not allows_missing:
+                    codes[i] = MISSING
+            elif isinstance(v, bool):
+                if feature.dtype == "bool":
+                    out[i] = float(v)
+                else:
+                    out[i], codes[i] = math.nan, INVALID_TYPE
+            elif isinstance(v, (int, float)):
+                f = float(v)
+                out[i] = f
+                if feature.dtype == "bool" and f not in (0.0, 1.0):
+                    codes[i] = INVALID_VALUE
+                elif math.isinf(f) or (math.isnan(f) and not allows_missing):
+                    codes[i] = INVALID_VALUE
+                elif feature.dtype == "int64" and not f.is_integer():
+                    codes[i] = INVALID_TYPE
+            else:
+                out[i], codes[i] = math.nan, INVALID_TYPE
+        return out, codes
+    out = np.empty(n, dtype=object)
+    for i, v in enumerate(values):
+        if v is None:
+            out[i] = None
+            if not allows_missing:
+                codes[i] = MISSING
+        elif isinstance(v, str):
+            out[i] = v
+            if feature.categories is not None and v not in feature.categories:
+                codes[i] = INVALID_VALUE
+        else:
+            out[i], codes[i] = None, INVALID_TYPE
+    return out, codes
+
+
+# -- columns from Arrow (CSV, JSON Lines, Parquet) ----------------------------------------------------
+
+def _numeric_from_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Parse text to float64; returns values and a mask of cells that are not numbers."""
+    try:
+        parsed = pc.cast(arr, pa.float64())
+        return parsed.to_numpy(zero_copy_only=False), np.zeros(len(arr), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        series = pd.Series(arr.to_numpy(zero_copy_only=False), dtype=object)
+        stripped = series.str.strip()
+        values = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(values) & series.notna().to_numpy() & ~stripped.isin(_NAN_STRINGS).to_numpy()
+        return values, bad
+
+
+def _coerce_arrow(arr: pa.Array, feature: Feature, allows_missing: bool, json_mixed: bool) -> tuple[Any, np.ndarray]:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if json_mixed:
+        import orjson  # a column of JSON-encoded cells: decode and judge each value as JSON
+
+        decoded = [None if v is None else orjson.loads(v) for v in arr.to_pylist()]
+        return _coerce_list(decoded, feature, allows_missing)
+    n = len(arr)
+    null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.zeros(n, dtype=bool)
+    codes = np.zeros(n, dtype=np.int8)
+    t = arr.type
+    if feature.dtype in NUMERIC:
+        bad = np.zeros(n, dtype=bool)
+        if pa.types.is_null(t):
+            values = np.full(n, np.nan)
+        elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+            values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+        elif pa.types.is_boolean(t):
+            values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+            if feature.dtype != "bool":
+                bad = ~null
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            if feature.dtype == "bool":
+                mapped = pd.Series(arr.to_numpy(zero_copy_only=False), dtype=object).map(_BOOL_STRINGS)
+                values = mapped.to_numpy(dtype=np.float64, na_value=np.nan)
+                bad = np.isnan(values) & ~null
+            else:
+                values, bad = _numeric_from_strings(arr)
+        else:
+            values, bad = np.full(n, np.nan), ~null
+        values = np.array(values, dtype=np.float64, copy=True)
+        with np.errstate(invalid="ignore"):
+            nan = np.isnan(values) & ~null & ~bad
+            codes[np.isinf(values)] = INVALID_VALUE
+            if not allows_missing:
+                codes[nan] = INVALID_VALUE
+            if feature.dtype == "int64":
+                codes[(codes == OK) & ~np.isnan(values) & (np.floor(values) != values)] = INVALID_TYPE
+            if feature.dtype == "bool":
+                codes[(codes == OK) & ~np.isnan(values) & (values != 0) & (values != 1)] = INVALID_VALUE
+        codes[bad] = INVALID_TYPE
+        if not allows_missing:
+            codes[null] = MISSING
+        values[codes != OK] = np.nan
+        return values, codes
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t) or pa.types.is_null(t):
+        values = arr.cast(pa.string()).to_numpy(zero_copy_only=False) if not pa.types.is_null(t) else np.full(n, None, dtype=object)
+        if feature.categories is not None:
+            known = pc.is_in(arr.cast(pa.string()), value_set=pa.array(feature.categories)).to_numpy(zero_copy_only=False)
+            codes[~known & ~null] = INVALID_VALUE
+    else:
+        values = np.full(n, None, dtype=object)
+        codes[~null] = INVALID_TYPE
+    if not allows_missing:
+        codes[null] = MISSING
+    return values, codes
+
+
+def validate(mv: ModelVersion, columns: Mapping[str, Column], n_rows: int, json_mixed: frozenset[str] = frozenset()) -> Validation:
+    """Type every feature column and mark the rows that cannot be predicted, without a per-row loop for Arrow input."""
+    typed: dict[str, Any] = {}
+    codes: dict[str, np.ndarray] = {}
+    for feature in mv.features:
+        col = columns.get(feature.name)
+        if col is None:
+            code = OK if mv.allows_missing else MISSING
+            codes[feature.name] = np.full(n_rows, code, dtype=np.int8)
+            typed[feature.name] = np.full(n_rows, np.nan if feature.dtype in NUMERIC else None,
+                                          dtype=np.float64 if feature.dtype in NUMERIC else object)
+            continue
+        if isinstance(col, (pa.Array, pa.ChunkedArray)):
+            typed[feature.name], codes[feature.name] = _coerce_arrow(col, feature, mv.allows_missing, feature.name in json_mixed)
+        else:
+            typed[feature.name], codes[feature.name] = _coerce_list(col, feature, mv.allows_missing)
+    valid = np.ones(n_rows, dtype=bool)
+    for c in codes.values():
+        valid &= c == OK
+    all_valid = bool(valid.all())
+    if mv.takes_frame:
+        data = {f.name: (typed[f.name] if all_valid else typed[f.name][valid]) for f in mv.features}
+        X = pd.DataFrame(data, columns=[f.name for f in mv.features])
+        for f in mv.features:
+            if f.dtype == "category":
+                X[f.name] = X[f.name].astype("category")
+    else:
+        X = np.column_stack([typed[f.name] for f in mv.features]) if mv.features else np.empty((n_rows, 0))
+        if not all_valid:
+            X = X[valid]
+    return Validation(n_rows=n_rows, valid=valid, X=X, codes=codes, values=dict(columns))
+
+
+def _take(X: Any, idx: np.ndarray | slice) -> Any:
+    return X.iloc[idx] if isinstance(X, pd.DataFrame) else X[idx]
+
+
+def _call(mv: ModelVersion, X: Any, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        warnings.simplefilter("ignore")  # feature-name and convergence chatter is not the caller's concern
+        preds = np.asarray(mv.estimator.predict(X))
+        probas = np.asarray(mv.estimator.predict_proba(X), dtype=np.float64) if probabilities else None
+    if len(preds) != len(X):
+        raise ValueError(f"the model returned {len(preds)} predictions for {len(X)} rows")
+    return preds, probas
+
+
+def predict(mv: ModelVersion, validation: Validation, probabilities: bool = False, max_calls: int = 200) -> Scored:
+    """Predict the valid rows in one call; if the model raises, isolate the failing rows by bisection."""
+    probabilities = probabilities and mv.task == "classification" and hasattr(mv.estimator, "predict_proba")
+    valid_pos = np.flatnonzero(validation.valid)
+    err_pos, err_codes, err_msgs = validation.row_errors()
+    errors = dict(zip(err_pos.tolist(), zip(err_codes, err_msgs)))
+    n = len(valid_pos)
+    calls = 0
+    ok_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    failed: dict[int, str] = {}
+    # Each segment is a range of indexes into the valid rows; a failing one is split in two.
+    stack = [(0, n)] if n else []
+    while stack:
+        lo, hi = stack.pop()
+        if calls >= max_calls:
+            for i in range(lo, hi):
+                failed[i] = f"the model failed on a part of this chunk and isolation stopped after {max_calls} predict calls"
+            continue
+        calls += 1
+        try:
+            preds, probas = _call(mv, _take(validation.X, slice(lo, hi)), probabilities)
+        except Exception as e:  # noqa: BLE001 - any model error is a row error, never a crash
+            if hi - lo == 1:
+                failed[lo] = f"the model raised {type(e).__name__}: {str(e)[:200]}"
+            else:
+                mid = (lo + hi) // 2
+                stack.extend([(mid, hi), (lo, mid)])
+            continue
+        ok_parts.append((np.arange(lo, hi), preds, probas))
+    ok_parts.sort(key=lambda p: p[0][0] if len(p[0]) else 0)
+    if ok_parts:
+        idx = np.concatenate([p[0] for p in ok_parts])
+        preds = np.concatenate([p[1] for p in ok_parts])
+        probas = np.concatenate([p[2] for p in ok_parts]) if probabilities else None
+    else:
+        idx, preds = np.empty(0, dtype=np.int64), np.empty(0)
+        probas = np.empty((0, len(mv.classes or []))) if probabilities else None
+    for i, msg in failed.items():
+        errors[int(valid_pos[i])] = ("prediction_failed", msg)
+    order = sorted(errors)
+    return Scored(
+        positions=valid_pos[idx],
+        predictions=preds,
+        probabilities=probas,
+        error_positions=np.array(order, dtype=np.int64),
+        error_codes=[errors[p][0] for p in order],
+        error_messages=[errors[p][1] for p in order],
+        predict_calls=calls,
+    )
+
+
+def json_value(v: Any) -> Any:
+    """A prediction as plain JSON (numpy scalars become Python numbers, NaN becomes null)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

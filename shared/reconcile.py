@@ -1,0 +1,34 @@
+"""The reconciler: finds work that fell through the cracks of at-least-once delivery and puts it back."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from shared.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def reconcile(store: JobStore, send: Callable[[str, int], None], *, stale_after: float) -> dict[str, int]:
+    """Re-send stale chunks of active jobs; fail jobs whose input stopped arriving. Returns what it did."""
+    now = time.time()
+    did = {"resent": 0, "abandoned": 0}
+    for job_id in store.active_ids():
+        job = store.get(job_id)
+        if job is None or job.status.terminal:
+            store.forget_active(job_id)
+            continue
+        read_at = store.last_read_at(job_id)
+        if read_at is not None and now - read_at > stale_after:
+            log.error("job input stopped arriving; failing the job", extra={"job_id": job_id})
+            store.stop(job_id, "fail", "internal_error", "The job's input stopped arriving before it was complete.")
+            store.finish_ingest(job_id, job.rows_read, job.chunks_seen)
+            did["abandoned"] += 1
+            continue
+        for index in store.stale_chunks(job_id, now, stale_after):
+            log.warning("re-sending a stale chunk", extra={"job_id": job_id, "chunk": index})
+            store.mark_sent(job_id, index)
+            send(job_id, index)
+            did["resent"] += 1
+    return did

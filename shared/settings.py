@@ -1,0 +1,66 @@
+"""Every setting in one place: defaults in code, overrides from the environment or an explicit mapping."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """predq's configuration; each field is read from the environment variable of the same name."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    CELERY_BROKER_URL: str | None = Field(None, description="Broker for chunk messages; defaults to REDIS_URL.")
+    MODELS_DIR: str = "./models"
+    MODEL_RESCAN_SECONDS: float = Field(2.0, ge=0, description="How often a process looks for new model versions.")
+
+    SYNC_MAX_ROWS: int = Field(1000, ge=1)
+    RESULT_TTL: int = Field(7 * 24 * 3600, ge=60, description="Seconds a finished job and its results are kept.")
+    CHUNK_SIZE: int = Field(0, ge=0, description="Rows per chunk; 0 picks it from the row width.")
+    CHUNK_TARGET_CELLS: int = Field(2_000_000, ge=1000, description="Cells per chunk when CHUNK_SIZE is 0.")
+    MAX_CHUNK_ROWS: int = Field(200_000, ge=1)
+    CHUNK_COMPRESSION: str = Field("zstd", pattern="^(zstd|lz4|none)$")
+    MAX_CHUNK_ATTEMPTS: int = Field(3, ge=1, description="Deliveries of one chunk before its rows fail.")
+    BISECT_MAX_PREDICT_CALLS: int = Field(200, ge=1)
+
+    CHUNK_SOFT_TIME_LIMIT: float = Field(120, gt=0)
+    CHUNK_TIME_LIMIT: float = Field(150, gt=0)
+    VISIBILITY_TIMEOUT: float = Field(600, gt=0)
+    UNACKED_RESTORE_INTERVAL: float = Field(60, gt=0)
+    CHUNK_QUEUE: str = "predq.chunks"
+    STALE_CHUNK_SECONDS: float = Field(900, gt=0, description="A queued chunk not done after this is re-sent.")
+    RECONCILE_INTERVAL: float = Field(60, gt=0)
+    HEARTBEAT_INTERVAL: float = Field(5, gt=0)
+
+    MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
+    MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)
+    SPOOL_DIR: str | None = None
+    LOG_LEVEL: str = "INFO"
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> Settings:
+        # A chunk that outlives the visibility timeout is delivered twice; keep a 3x margin (design notes).
+        if not self.CHUNK_SOFT_TIME_LIMIT < self.CHUNK_TIME_LIMIT:
+            raise ValueError("CHUNK_SOFT_TIME_LIMIT must be below CHUNK_TIME_LIMIT")
+        if self.VISIBILITY_TIMEOUT < 3 * self.CHUNK_TIME_LIMIT:
+            raise ValueError("VISIBILITY_TIMEOUT must be at least 3 x CHUNK_TIME_LIMIT")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.CELERY_BROKER_URL or self.REDIS_URL
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Environment first, then explicit overrides (tests and the app factory pass these)."""
+    return Settings(**(overrides or {}))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,190 @@
+"""The job store's atomic steps, on fakeredis: chunks count once, jobs finalise once into the right status."""
+from __future__ import annotations
+
+import fakeredis
+import pyarrow as pa
+import pytest
+
+from shared import blobs, keys
+from shared.chunk import process_chunk
+from shared.jobs import JobOptions, JobStore, Status, new_job_id
+from shared.registry import Registry
+from tests.support import models as test_models
+
+
+@pytest.fixture
+def store() -> JobStore:
+    return JobStore(fakeredis.FakeRedis(), result_ttl=3600, max_attempts=3, stale_after=300)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    root = tmp_path_factory.mktemp("models")
+    test_models.install_test_models(root)
+    return Registry(root)
+
+
+@pytest.fixture(autouse=True)
+def _sha(registry):
+    global FUSSY_SHA
+    FUSSY_SHA = registry.get("fussy").sha256
+
+
+def _new(store: JobStore, **options) -> str:
+    return store.create(model="fussy", version="v1", sha256=FUSSY_SHA, options=JobOptions(**options), metadata={"k": "v"},
+                        source_format="csv")
+
+
+def _chunk_blob(first_row: int, n: int, sentinel_at: tuple[int, ...] = ()) -> bytes:
+    frame = test_models.training_frame(n, first_row)
+    for i in sentinel_at:
+        frame.loc[i, "f2"] = test_models.SENTINEL
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.append_column(blobs.ROW, pa.array(range(first_row, first_row + n), type=pa.int64()))
+    return blobs.encode(table)
+
+
+def _fill(store: JobStore, job_id: str, sizes: list[int], **kw) -> None:
+    start = 0
+    for i, n in enumerate(sizes):
+        assert store.add_chunk(job_id, i, n, _chunk_blob(start, n, **kw)) == "queued"
+        start += n
+    store.finish_ingest(job_id, sum(sizes), len(sizes))
+
+
+def test_ids_sort_by_creation_time():
+    """Job ids are URL-safe and their lexical order is their creation order."""
+    a, b = new_job_id(1_700_000_000.0), new_job_id(1_700_000_000.5)
+    assert a < b and len(a) == 30 and a.startswith("job_")
+
+
+def test_job_runs_to_success(store, registry):
+    """Every chunk committed once: the job ends succeeded with exact counts and keys expire."""
+    job_id = _new(store)
+    _fill(store, job_id, [100, 100, 50])
+    assert store.get(job_id).status == Status.QUEUED
+    outcomes = [process_chunk(store, registry, job_id, i) for i in range(3)]
+    assert outcomes == ["open", "open", "succeeded"]
+    job = store.get(job_id)
+    assert (job.total, job.succeeded, job.failed, job.skipped) == (250, 250, 0, 0)
+    assert job.finished_at is not None and job.started_at is not None
+    assert 0 < store.r.ttl(keys.job(job_id)) <= 3600
+    assert not store.r.exists(keys.inputs(job_id))
+    assert job.to_public()["progress"] == 1.0
+
+
+def test_duplicate_commit_changes_nothing(store, registry):
+    """A chunk delivered twice is counted once."""
+    job_id = _new(store)
+    _fill(store, job_id, [10, 10])
+    assert process_chunk(store, registry, job_id, 0) == "open"
+    assert store.commit(job_id, 0, 10, 0, b"x", b"") == "duplicate"
+    assert process_chunk(store, registry, job_id, 0) == "done"
+    assert process_chunk(store, registry, job_id, 1) == "succeeded"
+    assert process_chunk(store, registry, job_id, 1) == "done"
+    job = store.get(job_id)
+    assert (job.succeeded, job.failed) == (20, 0)
+
+
+def test_failing_rows_make_a_partial_success(store, registry):
+    """Rows the model raises on become prediction_failed errors; the job is partially_succeeded."""
+    job_id = _new(store)
+    _fill(store, job_id, [64], sentinel_at=(5, 40))
+    assert process_chunk(store, registry, job_id, 0) == "partially_succeeded"
+    errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
+    assert errors.column("row").to_pylist() == [5, 40]
+    assert set(errors.column("code").to_pylist()) == {"prediction_failed"}
+
+
+def test_cancel_skips_idle_chunks_and_keeps_finished_ones(store, registry):
+    """Cancel: processed rows stay, the rest are skipped, and the counts add up."""
+    job_id = _new(store)
+    _fill(store, job_id, [10, 20, 30])
+    process_chunk(store, registry, job_id, 0)
+    assert store.stop(job_id, "cancel") == "cancelled"
+    job = store.get(job_id)
+    assert job.status == Status.CANCELLED
+    assert (job.succeeded, job.failed, job.skipped, job.total) == (10, 0, 50, 60)
+    assert store.stop(job_id, "cancel") == "finished"
+    assert process_chunk(store, registry, job_id, 1) == "done"
+
+
+def test_cancel_waits_for_a_running_chunk(store, registry):
+    """A chunk claimed before the cancel may still commit; the job ends when it does."""
+    job_id = _new(store)
+    _fill(store, job_id, [10, 10])
+    outcome, attempt, blob = store.claim(job_id, 0)
+    assert (outcome, attempt) == ("run", 1)
+    assert store.stop(job_id, "cancel") == "open"
+    assert store.commit(job_id, 0, 10, 0, b"r", b"") == "cancelled"
+    job = store.get(job_id)
+    assert (job.succeeded, job.skipped) == (10, 10)
+
+
+def test_error_budget_fails_the_job(store, registry):
+    """More failed rows than max_error_rate allows: the job fails and the rest is skipped."""
+    job_id = _new(store, max_error_rate=0.01)
+    _fill(store, job_id, [100, 100, 100], sentinel_at=(1, 2))
+    assert process_chunk(store, registry, job_id, 0) == "failed"
+    job = store.get(job_id)
+    assert job.error_code == "error_budget_exceeded"
+    assert (job.succeeded, job.failed, job.skipped, job.total) == (98, 2, 200, 300)
+
+
+def test_every_row_failing_fails_the_job(store, registry):
+    job_id = _new(store)
+    _fill(store, job_id, [1], sentinel_at=(0,))
+    assert process_chunk(store, registry, job_id, 0) == "failed"
+
+
+def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry):
+    """A chunk claimed more times than allowed is not run again: its rows become chunk_failed."""
+    job_id = _new(store)
+    _fill(store, job_id, [7])
+    for attempt in (1, 2, 3):
+        assert store.claim(job_id, 0)[:2] == ("run", attempt)
+    assert process_chunk(store, registry, job_id, 0) == "failed"
+    errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
+    assert errors.column("code").to_pylist() == ["chunk_failed"] * 7
+
+
+def test_a_changed_model_file_fails_the_job(store, registry):
+    """A worker whose model differs from the one the job pinned refuses to predict with it."""
+    job_id = store.create(model="fussy", version="v1", sha256="0" * 64, options=JobOptions(), metadata={},
+                          source_format="csv")
+    _fill(store, job_id, [5, 5])
+    assert process_chunk(store, registry, job_id, 0) == "failed"
+    job = store.get(job_id)
+    assert job.error_code == "model_not_found" and "sha256" in job.error_message
+    assert (job.succeeded, job.skipped) == (0, 10)
+
+
+def test_commit_to_a_deleted_job_is_dropped(store, registry):
+    """A worker finishing a chunk of a job deleted meanwhile writes nothing."""
+    job_id = _new(store)
+    _fill(store, job_id, [5])
+    store.discard(job_id)
+    assert process_chunk(store, registry, job_id, 0) == "gone"
+    assert store.commit(job_id, 0, 5, 0, b"r", b"") == "gone"
+    assert not store.r.keys(f"*{job_id}*")
+
+
+def test_job_stays_open_while_its_input_is_read(store, registry):
+    """All chunks done but the input not finished: the job is not terminal yet."""
+    job_id = _new(store)
+    store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
+    assert process_chunk(store, registry, job_id, 0) == "open"
+    assert store.get(job_id).total is None
+    assert store.finish_ingest(job_id, 5, 1) == "succeeded"
+
+
+def test_listing_pages_newest_first(store):
+    """The cursor walks the jobs newest first, filtered by status."""
+    ids = [_new(store) for _ in range(5)]
+    page, cursor = store.list(limit=2)
+    assert [j.id for j in page] == ids[::-1][:2]
+    page2, cursor2 = store.list(limit=2, cursor=cursor)
+    assert [j.id for j in page2] == ids[::-1][2:4]
+    page3, cursor3 = store.list(limit=2, cursor=cursor2)
+    assert [j.id for j in page3] == ids[:1] and cursor3 is None
+    assert store.list(status="succeeded")[0] == []

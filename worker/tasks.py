@@ -1,0 +1,95 @@
+"""Thin Celery tasks: each unpacks its message and calls a plain function in shared/."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from functools import lru_cache
+
+import redis
+from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded
+from threadpoolctl import threadpool_limits
+
+from shared import keys
+from shared.chunk import fail_chunk
+from shared.chunk import process_chunk as run_chunk
+from shared.dispatch import PROCESS_CHUNK, RECONCILE, send_chunk
+from shared.jobs import JobStore
+from shared.reconcile import reconcile as run_reconcile
+from shared.registry import Registry
+from shared.settings import get_settings
+from worker.app import app
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(get_settings().REDIS_URL)
+
+
+@lru_cache(maxsize=1)
+def _store() -> JobStore:
+    s = get_settings()
+    return JobStore(_redis(), result_ttl=s.RESULT_TTL, max_attempts=s.MAX_CHUNK_ATTEMPTS, stale_after=s.CHUNK_TIME_LIMIT * 2)
+
+
+@lru_cache(maxsize=1)
+def _registry() -> Registry:
+    s = get_settings()
+    return Registry(s.MODELS_DIR, s.MODEL_RESCAN_SECONDS)
+
+
+@signals.worker_process_init.connect
+def _one_thread_per_process(**_: object) -> None:
+    # Pool processes share the cores; native thread pools in each would oversubscribe them.
+    threadpool_limits(1)
+    _redis.cache_clear()
+    _store.cache_clear()
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_: object) -> None:
+    name = getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}"
+    interval = get_settings().HEARTBEAT_INTERVAL
+
+    def beat() -> None:
+        client = redis.Redis.from_url(get_settings().REDIS_URL)
+        while True:
+            try:
+                client.hset(keys.WORKERS, name, repr(time.time()))
+            except redis.RedisError as e:
+                log.warning("heartbeat not written: %s", e)
+            time.sleep(interval)
+
+    threading.Thread(target=beat, name="predq-heartbeat", daemon=True).start()
+
+
+@app.task(name=PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          autoretry_for=(redis.RedisError, SoftTimeLimitExceeded), retry_backoff=2, retry_jitter=True,
+          max_retries=get_settings().MAX_CHUNK_ATTEMPTS + 2)
+def process_chunk(job_id: str, index: int) -> None:
+    """Process one chunk of a job; duplicates and chunks of gone jobs are dropped by the store."""
+    s = get_settings()
+    started = time.perf_counter()
+    try:
+        outcome = run_chunk(_store(), _registry(), job_id, index, compression=s.CHUNK_COMPRESSION,
+                            max_predict_calls=s.BISECT_MAX_PREDICT_CALLS)
+    except (redis.RedisError, SoftTimeLimitExceeded):
+        raise  # transient or too slow: retried, and the chunk's attempt counter bounds the retries
+    except Exception as e:  # noqa: BLE001 - a bug must fail this chunk's rows, not leave the job running forever
+        log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
+        outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
+                             s.CHUNK_COMPRESSION)
+    log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,
+                                       "seconds": round(time.perf_counter() - started, 3)})
+
+
+@app.task(name=RECONCILE, ignore_result=True)
+def reconcile() -> None:
+    """Re-send chunks whose messages were lost, and fail jobs whose input stopped arriving."""
+    s = get_settings()
+    run_reconcile(_store(), lambda job_id, index: send_chunk(app, job_id, index), stale_after=s.STALE_CHUNK_SECONDS)
