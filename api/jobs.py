@@ -20,8 +20,7 @@ from shared.errors import (EmptyInput, InvalidParameter, InvalidParameterValue, 
                            UnsupportedMediaType)
 from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
 from shared.jobs import Job, JobOptions, Status
-from shared.readers import Batch, detect_format, open_reader
-from shared.records import records_batches
+from shared.readers import Batch, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,13 @@ def _check_options(req: schemas.JobRequest) -> None:
         raise SourceNotAllowed("Reading a source URI is not enabled on this service: no allowed roots are configured.")
 
 
+def _chunk_rows(svc: Services, req: schemas.JobRequest, n_columns: int) -> int:
+    s = svc.settings
+    return chunk_rows_for(n_columns, req.chunk_size, s.CHUNK_SIZE, s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS)
+
+
 def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_format: str,
-            batches: Iterable[Batch], n_columns: int) -> Job:
+            batches: Iterable[Batch], chunk_rows: int) -> Job:
     """Create the job at the first batch, store and send each chunk as it fills, and close the input.
 
     Any error before the input is complete removes the job and everything it wrote.
@@ -95,7 +99,7 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
         elif outcome == "gone":
             raise JobNotFound("The job was deleted while its input was being read.")
 
-    chunker = Chunker(chunk_rows_for(n_columns, req.chunk_size, s.CHUNK_SIZE, s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS), emit)
+    chunker = Chunker(chunk_rows, emit)
     try:
         chunker.add(first)
         for batch in iterator:
@@ -128,9 +132,8 @@ def _from_json(svc: Services) -> Job:
     seen = {k for r in req.rows[:1000] if isinstance(r, dict) for k in r}
     if req.id_column and req.id_column not in seen:
         _check_columns(mv, [f.name for f in mv.features], req.id_column)
-    size = chunk_rows_for(len(wanted), req.chunk_size, svc.settings.CHUNK_SIZE, svc.settings.CHUNK_TARGET_CELLS,
-                          svc.settings.MAX_CHUNK_ROWS)
-    return _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), len(wanted))
+    size = _chunk_rows(svc, req, len(wanted))
+    return _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size)
 
 
 def _from_upload(svc: Services) -> Job:
@@ -145,10 +148,12 @@ def _from_upload(svc: Services) -> Job:
     mv = _resolve_model(req)
     fmt = detect_format(upload.filename, upload.content_type)
     wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
-    reader = open_reader(fmt, upload.file(), wanted=wanted, spool_dir=svc.settings.SPOOL_DIR)
+    size = _chunk_rows(svc, req, len(wanted))
+    # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived.
+    reader = open_reader(fmt, upload.file(), wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR)
     with reader:
         _check_columns(mv, reader.columns, req.id_column)
-        return _ingest(svc, mv, req, fmt, reader, len(wanted))
+        return _ingest(svc, mv, req, fmt, reader, size)
 
 
 @bp.post("/v1/jobs")

@@ -5,8 +5,15 @@ import json
 
 import pyarrow as pa
 
-ROW = "__row"
+ROW = "__row"  # each row's 0-based position in the input
+JSON_MIXED_KEY = b"predq.json_mixed"  # schema metadata: columns holding JSON texts of mixed JSON types
 _PRE_ERRORS = b"predq.row_errors"
+
+
+def json_mixed_columns(schema: pa.Schema) -> frozenset[str]:
+    """The columns a table's schema marks as holding JSON texts."""
+    raw = (schema.metadata or {}).get(JSON_MIXED_KEY)
+    return frozenset(raw.decode().split(",")) if raw else frozenset()
 
 
 def encode(table: pa.Table, compression: str | None = "zstd", row_errors: list | None = None) -> bytes:

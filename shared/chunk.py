@@ -9,16 +9,10 @@ import pyarrow as pa
 from shared import blobs
 from shared.errors import ModelNotFound
 from shared.jobs import Job, JobStore
-from shared.prediction import JSON_MIXED_KEY, predict, validate
+from shared.prediction import predict, validate
 from shared.registry import ModelVersion, Registry
 
 log = logging.getLogger(__name__)
-
-
-def _mixed_columns(table: pa.Table) -> frozenset[str]:
-    meta = table.schema.metadata or {}
-    raw = meta.get(JSON_MIXED_KEY, b"")
-    return frozenset(raw.decode().split(",")) if raw else frozenset()
 
 
 def _id_values(table: pa.Table, id_column: str | None, positions: np.ndarray) -> pa.Array | None:
@@ -42,7 +36,7 @@ def score_table(mv: ModelVersion, table: pa.Table, pre_errors: list, job: Job,
     """Results and row errors of one chunk, both ordered by input row."""
     id_column = job.options.id_column
     columns = {f.name: table.column(f.name) for f in mv.features if f.name in table.column_names}
-    validation = validate(mv, columns, table.num_rows, _mixed_columns(table))
+    validation = validate(mv, columns, table.num_rows, blobs.json_mixed_columns(table.schema))
     scored = predict(mv, validation, job.options.probabilities, max_predict_calls)
     row_numbers = table.column(blobs.ROW).to_numpy()
 

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import blobs
-from shared.prediction import JSON_MIXED_KEY
 from shared.readers import Batch, RowError
 from shared.registry import ModelVersion
 
@@ -28,7 +27,7 @@ def narrow_numeric_text(table: pa.Table, mv: ModelVersion) -> pa.Table:
     Columns with an unparseable cell stay text; the worker's validation reports those rows. JSON-typed text
     (a column of mixed JSON types) is left alone: "1.5" there may have been a string, which is invalid_type.
     """
-    json_mixed = (table.schema.metadata or {}).get(JSON_MIXED_KEY, b"").decode().split(",")
+    json_mixed = blobs.json_mixed_columns(table.schema)
     for f in mv.features:
         if f.dtype not in ("float64", "int64") or f.name not in table.column_names or f.name in json_mixed:
             continue

@@ -24,7 +24,6 @@ CODE_NAMES = {MISSING: "missing_feature", INVALID_TYPE: "invalid_type", INVALID_
 NUMERIC = ("float64", "int64", "bool")
 _BOOL_STRINGS = {"true": 1.0, "false": 0.0, "1": 1.0, "0": 0.0, "True": 1.0, "False": 0.0, "TRUE": 1.0, "FALSE": 0.0}
 _NAN_STRINGS = frozenset({"nan", "NaN", "NAN", "-nan", "+nan"})
-JSON_MIXED_KEY = b"predq.json_mixed"
 
 Column = pa.Array | pa.ChunkedArray | Sequence[Any]
 

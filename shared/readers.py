@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, BinaryIO, NamedTuple
 
@@ -23,9 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from shared.blobs import ROW
+from shared.blobs import JSON_MIXED_KEY, ROW, json_mixed_columns
 from shared.errors import InvalidFile, UnsupportedFormat
-from shared.prediction import JSON_MIXED_KEY
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -481,14 +480,32 @@ class _JsonlReader(Reader):
             self._pos += 1
         if names is None:
             names = list(dict.fromkeys(k for r in records for k in r))
-        arrays, mixed = [], []
-        for name in names:
-            array, is_mixed = _json_column([r.get(name) for r in records])
-            arrays.append(array)
-            if is_mixed:
-                mixed.append(name)
-        arrays.append(pa.array(rows, type=pa.int64()))
-        return pa.Table.from_arrays(arrays, names=[*names, ROW], metadata=_marker(mixed)), errors
+        return objects_table(records, rows, names), errors
+
+
+def objects_table(objects: Sequence[dict[str, Any]], rows: Sequence[int], names: Sequence[str]) -> pa.Table:
+    """Parsed JSON objects as a table of the named columns plus __row, keeping each value's JSON type."""
+    arrays, mixed = [], []
+    for name in names:
+        array, is_mixed = json_column([o.get(name) for o in objects])
+        arrays.append(array)
+        if is_mixed:
+            mixed.append(name)
+    arrays.append(pa.array(rows, type=pa.int64()))
+    return pa.Table.from_arrays(arrays, names=[*names, ROW], metadata=_marker(mixed))
+
+
+def records_batches(records: Sequence[Any], wanted: Sequence[str], batch_rows: int) -> Iterator[Batch]:
+    """The `rows` of a JSON request body as batches; an element that is not an object is a malformed_row."""
+    for start in range(0, len(records), batch_rows):
+        objects, rows, errors = [], [], []
+        for pos, record in enumerate(records[start:start + batch_rows], start):
+            if isinstance(record, dict):
+                objects.append(record)
+                rows.append(pos)
+            else:
+                errors.append(RowError(pos, "malformed_row", f"row {pos} is not a JSON object"))
+        yield Batch(objects_table(objects, rows, wanted), errors)
 
 
 def _load_object(line: bytes) -> dict[str, Any] | str:
@@ -503,7 +520,7 @@ def _load_object(line: bytes) -> dict[str, Any] | str:
     return f"found {kind}"
 
 
-def _json_column(values: list[Any]) -> tuple[pa.Array, bool]:
+def json_column(values: Sequence[Any]) -> tuple[pa.Array, bool]:
     """One key's values as an Arrow array; as JSON texts (and True) when their JSON types are mixed or nested."""
     kinds = {type(v) for v in values if v is not None}
     if not kinds or kinds <= {int, float} or kinds == {bool} or kinds == {str}:
@@ -520,12 +537,6 @@ def _plain(t: pa.DataType) -> bool:
             or t == pa.int64() or t == pa.float64())
 
 
-def _mixed_columns(schema: pa.Schema) -> list[str]:
-    """The columns the schema marks as holding JSON texts."""
-    raw = (schema.metadata or {}).get(JSON_MIXED_KEY)
-    return raw.decode().split(",") if raw else []
-
-
 def _marker(mixed: list[str]) -> dict[bytes, bytes] | None:
     """Schema metadata naming the columns that hold JSON texts."""
     return {JSON_MIXED_KEY: ",".join(mixed).encode()} if mixed else None
@@ -535,7 +546,7 @@ def _conform(table: pa.Table, names: list[str]) -> pa.Table:
     """Exactly `names` then __row (the table's last column); a name absent from the block gives an all-null column."""
     present = set(table.column_names[:-1])
     arrays = [table.column(c) if c in present else pa.nulls(table.num_rows) for c in names]
-    mixed = [c for c in _mixed_columns(table.schema) if c in names]
+    mixed = [c for c in json_mixed_columns(table.schema) if c in names]
     return pa.Table.from_arrays([*arrays, table.column(table.num_columns - 1)], names=[*names, ROW],
                                 metadata=_marker(mixed))
 

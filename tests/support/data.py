@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.support.models import FEATURES, SENTINEL, training_frame
+from tests.support.models import SENTINEL, training_frame
 
 
 @dataclass

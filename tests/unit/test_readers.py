@@ -11,7 +11,7 @@ import pytest
 
 from shared import readers
 from shared.errors import InvalidFile, UnsupportedFormat
-from shared.prediction import JSON_MIXED_KEY
+from shared.blobs import JSON_MIXED_KEY
 from shared.readers import FORMATS, Batch, RowError, detect_format, open_reader
 
 

@@ -1,0 +1,685 @@
+"""Batch benchmark: one CSV scored in-process (the limit) and through predq end to end, side by side.
+
+    .venv/bin/python bench/batch.py [--rows N] [--model breast_cancer|diabetes] [--data PATH]
+                                    [--chunk-size ROWS] [--keep]
+
+1. In-process limit: pandas.read_csv(engine="pyarrow") + model.predict + Parquet write, in one fresh process.
+2. predq end to end: a private Redis-compatible server, the API and ONE worker started exactly as the Procfile's
+   `web` and `worker` lines, the CSV uploaded as a streamed multipart body, the job polled to its terminal
+   status, then the results downloaded as Parquet and as JSON Lines.
+3. Memory: peak RSS of every API and worker process, Redis memory, the size of the stored results.
+
+See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: `python bench/batch.py`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import requests  # noqa: E402
+import sklearn  # noqa: E402
+
+from cli.stack import procfile  # noqa: E402
+from shared import keys  # noqa: E402
+from shared.demo import install_demo_models  # noqa: E402
+from shared.registry import Registry  # noqa: E402
+from tests.support.processes import ApiServer, CeleryWorker, RedisServer  # noqa: E402
+
+MiB = 1024 * 1024
+POLL_SECONDS = 0.2
+SAMPLE_SECONDS = 0.2
+NOISE = 0.02            # gaussian noise, as a fraction of each feature's standard deviation
+SIGNIFICANT_DIGITS = 6  # values are written with about this many significant digits
+GEN_BLOCK = 100_000     # rows generated and written at a time
+TERMINAL = {"succeeded", "partially_succeeded", "failed", "cancelled"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input data
+# --------------------------------------------------------------------------------------------------
+
+def source_frame(model: str) -> pd.DataFrame:
+    """The scikit-learn dataset a demo model was trained on."""
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
+    loaders = {"breast_cancer": load_breast_cancer, "diabetes": load_diabetes}
+    if model not in loaders:
+        raise SystemExit(f"--model must be one of {', '.join(loaders)} (the demo models)")
+    return loaders[model](as_frame=True).data
+
+
+def generate_csv(path: Path, model: str, features: list[str], rows: int, seed: int) -> None:
+    """Rows sampled from the real dataset plus small seeded gaussian noise, written block by block."""
+    base = source_frame(model)[features].to_numpy(dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    scale = base.std(axis=0) * NOISE
+    magnitude = np.floor(np.log10(np.maximum(np.abs(base).max(axis=0), 1e-12)))
+    decimals = (SIGNIFICANT_DIGITS - 1 - magnitude).astype(int)
+    schema = pa.schema([(name, pa.float64()) for name in features])
+    tmp = path.with_name(path.name + ".part")
+    with pacsv.CSVWriter(str(tmp), schema) as writer:
+        for start in range(0, rows, GEN_BLOCK):
+            n = min(GEN_BLOCK, rows - start)
+            values = base[rng.integers(0, len(base), n)] + rng.standard_normal((n, len(features))) * scale
+            for j, d in enumerate(decimals):
+                values[:, j] = np.round(values[:, j], int(d))
+            writer.write_table(pa.Table.from_arrays([pa.array(values[:, j]) for j in range(len(features))],
+                                                    schema=schema))
+    tmp.replace(path)
+
+
+def count_data_rows(path: Path) -> int:
+    """Lines after the header (the generated files have no quoted line breaks)."""
+    lines = 0
+    last = b"\n"
+    with open(path, "rb") as fh:
+        while block := fh.read(8 * MiB):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    if last != b"\n":
+        lines += 1
+    return lines - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. In-process limit (run in a fresh process so that its peak RSS is its own)
+# --------------------------------------------------------------------------------------------------
+
+def in_process(models_dir: str, model: str, data: str, out: str) -> dict[str, Any]:
+    mv = Registry(models_dir).get(model)
+    features = [f.name for f in mv.features]
+    t0 = time.perf_counter()
+    frame = pd.read_csv(data, engine="pyarrow")
+    t1 = time.perf_counter()
+    predictions = mv.estimator.predict(frame[features])
+    t2 = time.perf_counter()
+    table = pa.table({"row": pa.array(np.arange(len(frame), dtype=np.int64)), "prediction": pa.array(predictions)})
+    pq.write_table(table, out, compression="zstd")
+    t3 = time.perf_counter()
+    return {"rows": len(frame), "read_csv": t1 - t0, "predict": t2 - t1, "write_parquet": t3 - t2, "total": t3 - t0,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "parquet_bytes": os.path.getsize(out)}
+
+
+def run_in_process(models_dir: Path, model: str, data: Path, out: Path) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(in_process, (str(models_dir), model, str(data), str(out)))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The service, exactly as the Procfile runs it
+# --------------------------------------------------------------------------------------------------
+
+def _procfile_env(env: dict[str, str]) -> dict[str, str]:
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's gunicorn/celery
+    return env
+
+
+class ProcfileWeb(ApiServer):
+    """The Procfile's `web` line through bash, with PORT/REDIS_URL/MODELS_DIR in its environment."""
+
+    kind = "web"
+
+    def command(self) -> list[str]:
+        return ["bash", "-c", procfile(REPO_ROOT / "Procfile")["web"]]
+
+    def environment(self) -> dict[str, str]:
+        env = _procfile_env(super().environment())
+        env["PORT"] = str(self.port)
+        env["HOST"] = "127.0.0.1"
+        # gunicorn's control socket goes to $XDG_RUNTIME_DIR: keep it private to this run.
+        env["XDG_RUNTIME_DIR"] = self._log_dir
+        return env
+
+
+class ProcfileWorker(CeleryWorker):
+    """The Procfile's `worker` line through bash."""
+
+    kind = "worker"
+
+    def command(self) -> list[str]:
+        return ["bash", "-c", procfile(REPO_ROOT / "Procfile")["worker"]]
+
+    def environment(self) -> dict[str, str]:
+        return _procfile_env(super().environment())
+
+
+class MultipartBody:
+    """A multipart/form-data body (fields first, then the file) read from disk block by block.
+
+    It has a length, so the request carries a Content-Length and is sent as is, not chunked.
+    """
+
+    def __init__(self, path: Path, fields: dict[str, str], block: int = 1 * MiB):
+        self.boundary = f"predq-bench-{uuid.uuid4().hex}"
+        parts = [f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                 for k, v in fields.items()]
+        parts.append(f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; '
+                     f'filename="{path.name}"\r\nContent-Type: text/csv\r\n\r\n')
+        self._head = "".join(parts).encode()
+        self._tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._path = path
+        self._block = block
+        self.length = len(self._head) + path.stat().st_size + len(self._tail)
+        self.first_byte_at: float | None = None
+        self.last_byte_at: float | None = None
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        # The request line and headers go out just before the body's first block is asked for.
+        self.first_byte_at = time.perf_counter()
+        yield self._head
+        with open(self._path, "rb") as fh:
+            while block := fh.read(self._block):
+                yield block
+        yield self._tail
+        self.last_byte_at = time.perf_counter()
+
+
+class JobPoller(threading.Thread):
+    """Samples the job every 0.2 s: the API's view (status, counts) and the rows the API has ingested so far.
+
+    Before the 202 the job id is not known yet, so the newest job of the (private) server is listed.
+    """
+
+    def __init__(self, api: str, client) -> None:
+        super().__init__(name="job-poller", daemon=True)
+        self.api = api
+        self.client = client
+        self.job_id: str | None = None
+        self.samples: list[tuple[float, int, int, str]] = []  # (t, rows ingested, succeeded, status)
+        self.errors: list[str] = []
+        self.terminal_at: float | None = None
+        self.terminal_job: dict | None = None
+        self.done = threading.Event()
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        session = requests.Session()
+        while not self._halt.is_set():
+            started = time.perf_counter()
+            job = None
+            try:
+                if self.job_id:
+                    r = session.get(f"{self.api}/v1/jobs/{self.job_id}", timeout=30)
+                    job = r.json() if r.status_code == 200 else None
+                else:
+                    r = session.get(f"{self.api}/v1/jobs", params={"limit": 1}, timeout=30)
+                    data = r.json().get("data") if r.status_code == 200 else None
+                    job = data[0] if data else None
+                if r.status_code != 200:
+                    self.errors.append(f"{r.request.method} {r.url} -> {r.status_code} {r.text[:300]}")
+            except (requests.RequestException, ValueError) as e:
+                self.errors.append(f"poll failed: {e!r}")
+            seen = time.perf_counter()
+            if job is not None:
+                try:
+                    rows_read = int(self.client.hget(keys.job(job["id"]), "rows_read") or 0)
+                except Exception:  # noqa: BLE001 - a diagnostic only
+                    rows_read = -1
+                self.samples.append((seen, rows_read, int(job["counts"]["succeeded"]), job["status"]))
+                if self.job_id and job["id"] == self.job_id and job["status"] in TERMINAL:
+                    self.terminal_at, self.terminal_job = seen, job
+                    self.done.set()
+                    return
+            self._halt.wait(max(0.0, POLL_SECONDS - (time.perf_counter() - started)))
+
+
+def _proc_status(pid: int) -> dict[str, int] | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            text = fh.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line[:5]] = int(line.split()[1]) * 1024
+    return out
+
+
+def _pgrp(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return int(fields[2]) if fields[0] not in ("Z", "X") else None
+
+
+class RssSampler(threading.Thread):
+    """Every 0.2 s: VmRSS and VmHWM of every process in the given process groups, max kept per process."""
+
+    def __init__(self, groups: dict[str, int]) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.groups = {pgid: name for name, pgid in groups.items()}
+        self.phase = "job"
+        self.peaks: dict[int, dict[str, Any]] = {}
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        self.sample()  # a last VmHWM reading
+
+    def sample(self) -> None:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            group = self.groups.get(_pgrp(pid))  # type: ignore[arg-type]
+            if group is None:
+                continue
+            status = _proc_status(pid)
+            if not status:
+                continue
+            entry = self.peaks.setdefault(pid, {"group": group, "leader": pid in self.groups,
+                                                "rss_job": 0, "rss": 0, "hwm": 0})
+            rss = status.get("VmRSS", 0)
+            entry["rss"] = max(entry["rss"], rss)
+            entry["hwm"] = max(entry["hwm"], status.get("VmHWM", 0))
+            if self.phase == "job":
+                entry["rss_job"] = max(entry["rss_job"], rss)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            started = time.perf_counter()
+            self.sample()
+            self._halt.wait(max(0.0, SAMPLE_SECONDS - (time.perf_counter() - started)))
+
+
+def download(session: requests.Session, url: str, dest: Path | None) -> tuple[float, int, int]:
+    """(seconds, bytes, newlines) of one streamed GET, written to dest if given."""
+    t0 = time.perf_counter()
+    size = lines = 0
+    with session.get(url, stream=True, timeout=(30, 3600)) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"GET {url} -> {r.status_code}: {r.text[:500]}")
+        fh = open(dest, "wb") if dest else None
+        try:
+            for block in r.iter_content(1 * MiB):
+                size += len(block)
+                lines += block.count(b"\n")
+                if fh:
+                    fh.write(block)
+        finally:
+            if fh:
+                fh.close()
+    return time.perf_counter() - t0, size, lines
+
+
+def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Path, rows: int) -> dict[str, Any]:
+    logs = tmp / "logs"
+    started: list = []
+    out: dict[str, Any] = {"logs": logs}
+    try:
+        server = RedisServer(dir=str(tmp / "redis"))
+        started.append(server)
+        server.start()
+        client = server.client(socket_timeout=60)
+        log(f"redis-compatible server on port {server.port} (pid {server.pid})")
+        web = ProcfileWeb(server.url, models_dir=str(models_dir), log_dir=str(logs))
+        started.append(web)
+        web.start()
+        log(f"web: {web.url} (gunicorn master pid {web.pid}, workers {web.worker_pids()})")
+        worker = ProcfileWorker(server.url, models_dir=str(models_dir), log_dir=str(logs))
+        started.append(worker)
+        worker.start()
+        log(f"worker: celery main pid {worker.pid}, pool children {worker.child_pids()}")
+        out["web_log"], out["worker_log"] = web.log_path, worker.log_path
+        out["server_version"] = client.info("server").get("valkey_version") or client.info("server")["redis_version"]
+
+        sampler = RssSampler({"web": web.pid, "worker": worker.pid, "redis": server.pid})
+        sampler.start()
+        poller = JobPoller(web.url, client)
+        fields = {"model": args.model}
+        if args.chunk_size:
+            fields["chunk_size"] = str(args.chunk_size)
+        body = MultipartBody(data, fields)
+        session = requests.Session()
+        log(f"uploading {body.length / MiB:.1f} MiB ({rows} rows) to POST /v1/jobs")
+        poller.start()
+        r = session.post(f"{web.url}/v1/jobs", data=body, headers={"Content-Type": body.content_type},
+                         timeout=(30, 3600))
+        accepted_at = time.perf_counter()
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /v1/jobs -> {r.status_code}: {r.text[:1000]}")
+        job = r.json()
+        poller.job_id = job["id"]
+        first = body.first_byte_at
+        assert first is not None
+        log(f"202 after {accepted_at - first:.1f} s: {job['id']} total={job['counts']['total']} "
+            f"succeeded so far={job['counts']['succeeded']}")
+        while not poller.done.wait(5):
+            if not poller.is_alive():
+                raise RuntimeError(f"the poller stopped: {poller.errors[-3:]}")
+            if not worker.running or not web.running:
+                raise RuntimeError("a service process exited during the job")
+            s = poller.samples[-1] if poller.samples else None
+            if s:
+                log(f"  t={s[0] - first:6.1f}s status={s[3]} succeeded={s[2]}")
+        terminal_at = poller.terminal_at
+        final = poller.terminal_job
+        assert terminal_at is not None and final is not None
+        log(f"terminal after {terminal_at - first:.1f} s: {final['status']} counts={final['counts']}")
+        redis_after_job = client.info("memory")
+        results_key = keys.results(job["id"])
+        fields_ = client.hkeys(results_key)
+        with client.pipeline(transaction=False) as p:
+            for f in fields_:
+                p.hstrlen(results_key, f)
+            results_bytes = sum(p.execute())
+
+        sampler.phase = "downloads"
+        pq_path = tmp / "predq-results.parquet"
+        pq_seconds, pq_bytes, _ = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=parquet", pq_path)
+        pq_rows = pq.read_metadata(pq_path).num_rows
+        log(f"parquet download: {pq_seconds:.1f} s, {pq_bytes / MiB:.1f} MiB, {pq_rows} rows")
+        js_seconds, js_bytes, js_rows = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=jsonl", None)
+        log(f"jsonl download: {js_seconds:.1f} s, {js_bytes / MiB:.1f} MiB, {js_rows} rows")
+        sampler.stop()
+        poller.stop()
+
+        out.update({
+            "job": final, "first": first, "accepted": accepted_at, "terminal": terminal_at,
+            "last_byte": body.last_byte_at, "upload_bytes": body.length, "samples": poller.samples,
+            "poll_errors": poller.errors, "job_at_202": job,
+            "pq": (pq_seconds, pq_bytes, pq_rows), "jsonl": (js_seconds, js_bytes, js_rows),
+            "redis": redis_after_job, "redis_end": client.info("memory"), "results_bytes": results_bytes,
+            "results_chunks": len(fields_), "peaks": sampler.peaks,
+            "worker_concurrency": len(worker.child_pids()), "web_workers": len(web.worker_pids()),
+        })
+        return out
+    except BaseException:
+        for proc in started:
+            if isinstance(proc, (ProcfileWeb, ProcfileWorker)):
+                log(f"last lines of the {proc.kind} log ({proc.log_path}):\n{proc.log_tail(30)}")
+        raise
+    finally:
+        for proc in reversed(started):
+            try:
+                proc.stop()
+            except Exception as e:  # noqa: BLE001 - stop the rest anyway
+                log(f"stopping {proc!r} failed: {e!r}")
+                try:
+                    proc.kill()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------
+
+def _read_json_lines(path: str) -> list[dict]:
+    import orjson
+
+    entries = []
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.startswith(b"{"):
+                    try:
+                        entries.append(orjson.loads(line))
+                    except orjson.JSONDecodeError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return entries
+
+
+def _problem_lines(path: str, limit: int = 8) -> tuple[int, list[str]]:
+    """Warning/error lines of a log (JSON entries and plain gunicorn/celery lines)."""
+    found = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                low = line.lower()
+                if ('"level":"error"' in low or '"level":"warning"' in low or '"level":"critical"' in low
+                        or "[error]" in low or "[critical]" in low or "traceback" in low or "warning:" in low):
+                    found.append(line.rstrip()[:400])
+    except FileNotFoundError:
+        pass
+    return len(found), found[:limit]
+
+
+def _at(samples: list[tuple[float, int, int, str]], t: float) -> tuple[int, int] | None:
+    """(rows ingested, succeeded) of the last sample at or before t."""
+    best = None
+    for s in samples:
+        if s[0] <= t:
+            best = (s[1], s[2])
+    return best
+
+
+def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, Any], svc: dict[str, Any],
+           load_before: tuple[float, float, float]) -> None:
+    import celery
+    import gunicorn
+
+    first = svc["first"]
+    e2e = svc["terminal"] - first
+    base = inproc["total"]
+
+    def line(what: str, seconds: float, n: int | None = rows) -> str:
+        rate = f"{n / seconds:,.0f}" if n and seconds > 0 else ""
+        return f"| {what} | {seconds:.2f} | {rate} | {seconds / base:.2f}x |"
+
+    print()
+    print(f"## predq batch benchmark: {args.model}, {rows:,} rows, CSV {data.stat().st_size / MiB:.1f} MiB")
+    print()
+    print(f"python {platform.python_version()}, scikit-learn {sklearn.__version__}, pyarrow {pa.__version__}, "
+          f"pandas {pd.__version__}, numpy {np.__version__}, celery {celery.__version__}, "
+          f"gunicorn {gunicorn.__version__}, server {svc.get('server_version')}")
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    print(f"nproc {nproc}; load average before the run {load_before[0]:.2f} {load_before[1]:.2f} "
+          f"{load_before[2]:.2f}; web: {svc['web_workers']} gunicorn workers (gthread), worker: 1 celery "
+          f"worker with {svc['worker_concurrency']} pool processes; chunk_size "
+          f"{args.chunk_size or 'chosen by the server'}")
+    print()
+    print("| what | seconds | rows/s | ratio to in-process |")
+    print("|---|---:|---:|---:|")
+    print(line("in-process: read_csv (pyarrow engine)", inproc["read_csv"]))
+    print(line("in-process: predict", inproc["predict"]))
+    print(line("in-process: write Parquet", inproc["write_parquet"]))
+    print(line("**in-process total**", inproc["total"]))
+    print(line("predq: upload + ingest (first byte -> 202)", svc["accepted"] - first))
+    print(line("**predq end to end (first byte -> terminal status)**", e2e))
+    print(line("predq: download results as Parquet", svc["pq"][0]))
+    print(line("predq: download results as JSON Lines", svc["jsonl"][0]))
+    print(line("predq: end to end + Parquet download", e2e + svc["pq"][0]))
+    print()
+    print("ratio = seconds / in-process total seconds (higher is slower).")
+
+    peaks = svc["peaks"].values()
+
+    def mib(v: float) -> str:
+        return f"{v / MiB:,.0f}"
+
+    def group_peak(group: str, leader: bool | None, key: str) -> tuple[float, int]:
+        sel = [p for p in peaks if p["group"] == group and (leader is None or p["leader"] == leader)]
+        if not sel:
+            return 0.0, 0
+        if key == "both":
+            return max(max(p["rss"], p["hwm"]) for p in sel), len(sel)
+        return max(p[key] for p in sel), len(sel)
+
+    rj = svc["redis"]
+    print()
+    print("| memory | MiB |")
+    print("|---|---:|")
+    print(f"| in-process peak RSS (one process) | {mib(inproc['peak_rss'])} |")
+    for group, label in (("web", "web (gunicorn)"), ("worker", "worker (celery)")):
+        v, n = group_peak(group, None, "both")
+        print(f"| {label}: max over its {n} processes, max(VmRSS sampled, VmHWM) | {mib(v)} |")
+        if group == "web":
+            for leader, who in ((True, "gunicorn master"), (False, "gunicorn workers")):
+                v, n = group_peak(group, leader, "both")
+                vj, _ = group_peak(group, leader, "rss_job")
+                print(f"| &nbsp; {who} ({n}): peak / VmRSS peak during the job | {mib(v)} / {mib(vj)} |")
+        else:
+            for leader, who in ((True, "celery main"), (False, "celery pool children")):
+                v, n = group_peak(group, leader, "both")
+                vj, _ = group_peak(group, leader, "rss_job")
+                print(f"| &nbsp; {who} ({n}): peak / VmRSS peak during the job | {mib(v)} / {mib(vj)} |")
+    v, _ = group_peak("redis", None, "both")
+    print(f"| redis-compatible server process peak RSS | {mib(v)} |")
+    print(f"| Redis used_memory_peak (after the job) | {mib(rj['used_memory_peak'])} |")
+    print(f"| Redis used_memory (after the job) | {mib(rj['used_memory'])} |")
+    print(f"| stored results: sum of HSTRLEN over {svc['results_chunks']} result blobs | "
+          f"{svc['results_bytes'] / MiB:,.1f} |")
+    print(f"| results downloaded: Parquet / JSON Lines | {svc['pq'][1] / MiB:,.1f} / {svc['jsonl'][1] / MiB:,.1f} |")
+    print(f"| in-process Parquet file | {inproc['parquet_bytes'] / MiB:,.1f} |")
+
+    # Where the time goes.
+    samples = svc["samples"]
+    accepted = svc["accepted"] - first
+    print()
+    print("### Timeline (seconds after the first byte sent)")
+    print()
+    print("| t | rows ingested by the API | rows succeeded (workers) | status |")
+    print("|---:|---:|---:|---:|")
+    step = max(e2e / 20, 1.0)
+    next_t = 0.0
+    for i, (t, ingested, ok, status) in enumerate(samples):
+        rel = t - first
+        if rel >= next_t or i == len(samples) - 1:
+            print(f"| {rel:.1f} | {ingested:,} | {ok:,} | {status} |")
+            next_t = rel + step
+    first_commit = next((s[0] - first for s in samples if s[2] > 0), None)
+    first_ingest = next((s[0] - first for s in samples if s[1] > 0), None)
+    at_202 = _at(samples, svc["accepted"]) or (0, 0)
+    ok_at_202 = svc["job_at_202"]["counts"]["succeeded"]
+    print()
+    print(f"- upload body fully handed to the socket at {svc['last_byte'] - first:.1f} s; 202 at {accepted:.1f} s; "
+          f"terminal at {e2e:.1f} s (polled every {POLL_SECONDS} s)")
+    print(f"- API ingest: {rows / accepted:,.0f} rows/s, {svc['upload_bytes'] / MiB / accepted:.1f} MiB/s "
+          f"(first chunk stored at ~{first_ingest if first_ingest is not None else float('nan'):.1f} s)")
+    if first_commit is not None:
+        print(f"- first chunk committed at ~{first_commit:.1f} s; {ok_at_202:,} rows ({ok_at_202 / rows:.0%}) "
+              f"had succeeded when the 202 came back")
+    after = e2e - accepted
+    if after > 0:
+        print(f"- after the 202: {rows - ok_at_202:,} rows in {after:.1f} s = {(rows - ok_at_202) / after:,.0f} rows/s "
+              "(workers alone)")
+    backlog = max((s[1] - s[2] for s in samples), default=0)
+    print(f"- largest backlog (ingested, not yet committed): {backlog:,} rows")
+    commits = [e for e in _read_json_lines(svc["worker_log"]) if e.get("message") == "chunk committed"]
+    if commits:
+        secs = [float(e.get("seconds", 0)) for e in commits]
+        busy = sum(secs)
+        conc = max(svc["worker_concurrency"], 1)
+        print(f"- worker: {len(commits)} chunks, {min(secs):.2f}-{max(secs):.2f} s each (mean {busy / len(commits):.2f} s), "
+              f"{rows / busy:,.0f} rows/s per pool process while busy, {busy:.1f} s busy in total = "
+              f"{busy / (conc * e2e):.0%} of {conc} processes x end-to-end time; "
+              f"outcomes {sorted({e.get('outcome') for e in commits})}")
+    final = svc["job"]
+    print(f"- job: status {final['status']}, counts {final['counts']}, server rows_per_second "
+          f"{final.get('rows_per_second')}")
+    pq_rows, js_rows = svc["pq"][2], svc["jsonl"][2]
+    print(f"- row counts: Parquet {pq_rows:,}, JSON Lines {js_rows:,}, expected {rows:,}: "
+          f"{'OK' if pq_rows == js_rows == rows else 'MISMATCH'}")
+    for name, path in (("web", svc["web_log"]), ("worker", svc["worker_log"])):
+        n, lines = _problem_lines(path)
+        if n:
+            print(f"- {name} log: {n} warning/error lines, first ones:")
+            for text in lines:
+                print(f"    {text}")
+    if svc["poll_errors"]:
+        print(f"- poll errors: {len(svc['poll_errors'])}, e.g. {svc['poll_errors'][:3]}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate (default 1,000,000)")
+    parser.add_argument("--model", default="breast_cancer", help="demo model: breast_cancer (default) or diabetes")
+    parser.add_argument("--data", type=Path, help="CSV to use; generated there first if it does not exist")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, results)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
+    args = parser.parse_args(argv)
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    load_before = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="predq-bench-"))
+    log(f"working directory {tmp}")
+    try:
+        models_dir = tmp / "models"
+        install_demo_models(models_dir)
+        features = [f.name for f in Registry(models_dir).get(args.model).features]
+        data = args.data.resolve() if args.data else tmp / f"{args.model}-{args.rows}.csv"
+        if data.exists():
+            rows = count_data_rows(data)
+            log(f"reusing {data}: {rows} rows")
+        else:
+            t0 = time.perf_counter()
+            data.parent.mkdir(parents=True, exist_ok=True)
+            generate_csv(data, args.model, features, args.rows, args.seed)
+            rows = args.rows
+            log(f"generated {data} ({data.stat().st_size / MiB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+
+        log("in-process limit ...")
+        inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
+        if inproc["rows"] != rows:
+            raise RuntimeError(f"pandas read {inproc['rows']} rows, expected {rows}")
+        log(f"in-process: read_csv {inproc['read_csv']:.2f} s, predict {inproc['predict']:.2f} s, "
+            f"write {inproc['write_parquet']:.2f} s, total {inproc['total']:.2f} s")
+
+        log("predq end to end ...")
+        svc = run_service(args, tmp, models_dir, data, rows)
+        report(args, rows, data, inproc, svc, load_before)
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
