@@ -12,6 +12,7 @@ from api.openapi import operation, query
 from api.parsing import parse_bool
 from api.services import services
 from shared import keys
+from shared.errors import PredqError
 
 bp = Blueprint("health", __name__)
 
@@ -46,8 +47,15 @@ def readyz() -> Response:
         checks["redis"] = {"ok": False, "message": f"Redis does not answer: {type(e).__name__}"}
         ready = False
     names = svc.registry.names()
-    loaded = [n for n in names if svc.registry.is_loaded(n)]
-    checks["models"] = {"ok": len(loaded) == len(names), "deployed": len(names), "loaded": len(loaded)}
+    unloadable = []
+    for name in names:
+        try:
+            svc.registry.get(name)  # loads a version deployed since the last request; cached after that
+        except PredqError:
+            unloadable.append(name)
+    checks["models"] = {"ok": not unloadable, "deployed": len(names), "loaded": len(names) - len(unloadable)}
+    if unloadable:
+        checks["models"]["message"] = f"cannot load: {', '.join(unloadable)}"
     ready &= checks["models"]["ok"]
     now = time.time()
     fresh_within = 3 * svc.settings.HEARTBEAT_INTERVAL

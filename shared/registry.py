@@ -207,11 +207,6 @@ class Registry:
                 log.error("%s", e)
         return loaded
 
-    def is_loaded(self, name: str) -> bool:
-        """Whether the newest version of `name` is loaded in this process (or refused, and so not servable)."""
-        versions = self.versions().get(name)
-        return bool(versions) and any((name, v) in self._loaded for v in versions)
-
     def describe(self, mv: ModelVersion) -> dict:
         return mv.describe(self.versions().get(mv.name, [mv.version]))
 

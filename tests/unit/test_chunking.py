@@ -1,0 +1,123 @@
+"""Chunking an input and writing outputs: exact row positions, bounded pieces, every format readable."""
+from __future__ import annotations
+
+import io
+
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared import blobs, writers
+from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
+from shared.readers import Batch, RowError
+from shared.registry import Feature, ModelVersion
+
+
+def _batch(rows: list[int], errors: tuple[int, ...] = ()) -> Batch:
+    table = pa.table({"x": pa.array([float(r) for r in rows]), blobs.ROW: pa.array(rows, type=pa.int64())})
+    return Batch(table, [RowError(r, "malformed_row", f"line {r + 2}") for r in errors])
+
+
+def _chunk_all(batches, size):
+    out = []
+    chunker = Chunker(size, lambda i, t, e: out.append((i, t, e)))
+    for b in batches:
+        chunker.add(b)
+    chunker.close()
+    return chunker, out
+
+
+def test_chunks_have_the_asked_size_and_keep_positions():
+    """Batches of any size become chunks of exactly chunk_rows rows (the last smaller), positions intact."""
+    chunker, out = _chunk_all([_batch(list(range(0, 700))), _batch(list(range(700, 750))),
+                               _batch(list(range(750, 2050)))], 500)
+    assert [t.num_rows for _, t, _ in out] == [500, 500, 500, 500, 50]
+    assert [i for i, _, _ in out] == [0, 1, 2, 3, 4]
+    rows = pa.concat_tables([t for _, t, _ in out]).column(blobs.ROW).to_pylist()
+    assert rows == list(range(2050))
+    assert (chunker.total_rows, chunker.chunks) == (2050, 5)
+
+
+def test_row_errors_go_to_the_chunk_that_holds_their_position():
+    """A malformed row is reported with the chunk whose rows surround it (or the last one), and counted once."""
+    first = _batch([0, 1, 2, *range(4, 11)], errors=(3,))
+    second = _batch([11, *range(13, 22)], errors=(12, 22))
+    chunker, out = _chunk_all([first, second], 10)
+    assert [[e.row for e in errs] for _, _, errs in out] == [[3], [12, 22]]
+    # Chunk by chunk, rows and errors together are the input's positions in order: downloads stay in input order.
+    positions = [p for _, t, errs in out for p in sorted(t.column(blobs.ROW).to_pylist() + [e.row for e in errs])]
+    assert positions == list(range(23))
+    assert chunker.total_rows == 23
+
+
+def test_an_input_of_only_malformed_rows_is_one_chunk_of_errors():
+    """No good row at all still gives a chunk, so the job accounts for every row."""
+    empty = pa.table({blobs.ROW: pa.array([], type=pa.int64())})
+    chunker, out = _chunk_all([Batch(empty, [RowError(0, "malformed_row", "m"), RowError(1, "malformed_row", "m")])], 10)
+    assert len(out) == 1 and out[0][1].num_rows == 0 and len(out[0][2]) == 2
+    assert chunker.total_rows == 2
+
+
+def test_differently_typed_batches_never_share_a_chunk():
+    """A batch whose schema differs starts a new chunk instead of failing to concatenate."""
+    a = pa.table({"x": pa.array([1.0, 2.0]), blobs.ROW: pa.array([0, 1], type=pa.int64())})
+    b = pa.table({"x": pa.array(["a", "b"]), blobs.ROW: pa.array([2, 3], type=pa.int64())})
+    _, out = _chunk_all([Batch(a, []), Batch(b, [])], 10)
+    assert [t.column("x").type for _, t, _ in out] == [pa.float64(), pa.string()]
+
+
+def test_chunk_size_follows_row_width():
+    """Wider rows make smaller chunks; an explicit size wins; the cap holds."""
+    assert chunk_rows_for(20, None, 0, 2_000_000, 200_000) == 100_000
+    assert chunk_rows_for(200, None, 0, 2_000_000, 200_000) == 10_000
+    assert chunk_rows_for(2, None, 0, 2_000_000, 200_000) == 200_000
+    assert chunk_rows_for(20, 777, 0, 2_000_000, 200_000) == 777
+    assert chunk_rows_for(20, None, 5000, 2_000_000, 200_000) == 5000
+
+
+def test_numeric_text_is_narrowed_only_when_every_cell_parses():
+    """CSV text columns become float64 when they parse; a column with a bad cell stays text for validation."""
+    mv = ModelVersion(name="m", version="1", path=None, sha256="", estimator=None,
+                      features=(Feature("a"), Feature("b")), allows_missing=False, task="regression", classes=None)
+    table = pa.table({"a": pa.array(["1.5", None, "2"]), "b": pa.array(["1", "x", "3"])})
+    narrowed = narrow_numeric_text(table, mv)
+    assert narrowed.column("a").type == pa.float64() and narrowed.column("b").type == pa.string()
+
+
+def test_blobs_round_trip_with_their_row_errors():
+    """A chunk blob gives back the same table and the row errors stored with it."""
+    table = pa.table({"x": [1.5, None], blobs.ROW: pa.array([0, 2], type=pa.int64())})
+    for compression in ("zstd", "lz4", "none"):
+        back, errors = blobs.decode(blobs.encode(table, compression, [RowError(1, "malformed_row", "bad")]))
+        assert back.equals(table.replace_schema_metadata(back.schema.metadata))
+        assert errors == [(1, "malformed_row", "bad")]
+
+
+def _results(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"row": pa.array(range(start, start + n), type=pa.int64()), "id": [f"r{i}" for i in range(start, start + n)],
+                     "prediction": [float(i) / 3 for i in range(start, start + n)]})
+
+
+EMPTY = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prediction", pa.string())])
+
+
+def test_writers_stream_one_piece_per_table_and_agree():
+    """JSON Lines, CSV and Parquet hold the same rows, and bytes come out table by table."""
+    tables = [_results(3), _results(2, 3)]
+    expected = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    pieces = list(writers.stream("jsonl", iter(tables), EMPTY))
+    assert len(pieces) == 2
+    assert pd.DataFrame([orjson.loads(line) for line in b"".join(pieces).splitlines()]).equals(expected)
+    csv = b"".join(writers.stream("csv", iter(tables), EMPTY))
+    pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(csv)), expected)
+    parquet = list(writers.stream("parquet", iter(tables), EMPTY))
+    assert len(parquet) >= 3
+    pd.testing.assert_frame_equal(pq.read_table(io.BytesIO(b"".join(parquet))).to_pandas(), expected)
+
+
+def test_writers_give_a_valid_empty_file():
+    """No rows: CSV has its header, Parquet is a readable empty file, JSON Lines is empty."""
+    assert b"".join(writers.stream("jsonl", iter([]), EMPTY)) == b""
+    assert b"".join(writers.stream("csv", iter([]), EMPTY)).decode().strip() == '"row","id","prediction"'
+    assert pq.read_table(io.BytesIO(b"".join(writers.stream("parquet", iter([]), EMPTY)))).num_rows == 0
