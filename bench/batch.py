@@ -33,19 +33,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `python bench/batch.py`
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.csv as pacsv  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import requests  # noqa: E402
-import sklearn  # noqa: E402
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import requests
+import sklearn
 
-from cli.stack import procfile  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.demo import install_demo_models  # noqa: E402
-from shared.registry import Registry  # noqa: E402
-from tests.support.processes import ApiServer, CeleryWorker, RedisServer  # noqa: E402
+from cli.stack import procfile
+from shared import keys
+from shared.demo import install_demo_models
+from shared.registry import Registry
+from tests.support.processes import ApiServer, CeleryWorker, RedisServer
 
 MiB = 1024 * 1024
 POLL_SECONDS = 0.2
@@ -297,7 +297,13 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
-        self.sample()  # a last VmHWM reading
+        self.sample()  # a last reading
+
+    def set_phase(self, phase: str) -> None:
+        """Close the current phase with a reading, and open the next with another (short phases get one too)."""
+        self.sample()
+        self.phase = phase
+        self.sample()
 
     def sample(self) -> None:
         for name in os.listdir("/proc"):
@@ -311,12 +317,9 @@ class RssSampler(threading.Thread):
             if not status:
                 continue
             entry = self.peaks.setdefault(pid, {"group": group, "leader": pid in self.groups,
-                                                "rss_job": 0, "rss": 0, "hwm": 0})
-            rss = status.get("VmRSS", 0)
-            entry["rss"] = max(entry["rss"], rss)
+                                                "job": 0, "parquet": 0, "jsonl": 0, "hwm": 0})
+            entry[self.phase] = max(entry[self.phase], status.get("VmRSS", 0))
             entry["hwm"] = max(entry["hwm"], status.get("VmHWM", 0))
-            if self.phase == "job":
-                entry["rss_job"] = max(entry["rss_job"], rss)
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -332,16 +335,11 @@ def download(session: requests.Session, url: str, dest: Path | None) -> tuple[fl
     with session.get(url, stream=True, timeout=(30, 3600)) as r:
         if r.status_code != 200:
             raise RuntimeError(f"GET {url} -> {r.status_code}: {r.text[:500]}")
-        fh = open(dest, "wb") if dest else None
-        try:
+        with open(dest if dest else os.devnull, "wb") as fh:
             for block in r.iter_content(1 * MiB):
                 size += len(block)
                 lines += block.count(b"\n")
-                if fh:
-                    fh.write(block)
-        finally:
-            if fh:
-                fh.close()
+                fh.write(block)
     return time.perf_counter() - t0, size, lines
 
 
@@ -407,11 +405,12 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
                 p.hstrlen(results_key, f)
             results_bytes = sum(p.execute())
 
-        sampler.phase = "downloads"
+        sampler.set_phase("parquet")
         pq_path = tmp / "predq-results.parquet"
         pq_seconds, pq_bytes, _ = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=parquet", pq_path)
         pq_rows = pq.read_metadata(pq_path).num_rows
         log(f"parquet download: {pq_seconds:.1f} s, {pq_bytes / MiB:.1f} MiB, {pq_rows} rows")
+        sampler.set_phase("jsonl")
         js_seconds, js_bytes, js_rows = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=jsonl", None)
         log(f"jsonl download: {js_seconds:.1f} s, {js_bytes / MiB:.1f} MiB, {js_rows} rows")
         sampler.stop()
@@ -440,8 +439,8 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
                 log(f"stopping {proc!r} failed: {e!r}")
                 try:
                     proc.kill()
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as e2:  # noqa: BLE001
+                    log(f"killing {proc!r} failed: {e2!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,15 +479,6 @@ def _problem_lines(path: str, limit: int = 8) -> tuple[int, list[str]]:
     return len(found), found[:limit]
 
 
-def _at(samples: list[tuple[float, int, int, str]], t: float) -> tuple[int, int] | None:
-    """(rows ingested, succeeded) of the last sample at or before t."""
-    best = None
-    for s in samples:
-        if s[0] <= t:
-            best = (s[1], s[2])
-    return best
-
-
 def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, Any], svc: dict[str, Any],
            load_before: tuple[float, float, float]) -> None:
     import celery
@@ -508,7 +498,7 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
     print(f"python {platform.python_version()}, scikit-learn {sklearn.__version__}, pyarrow {pa.__version__}, "
           f"pandas {pd.__version__}, numpy {np.__version__}, celery {celery.__version__}, "
           f"gunicorn {gunicorn.__version__}, server {svc.get('server_version')}")
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    nproc = subprocess.run(["nproc"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"nproc {nproc}; load average before the run {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}; web: {svc['web_workers']} gunicorn workers (gthread), worker: 1 celery "
           f"worker with {svc['worker_concurrency']} pool processes; chunk_size "
@@ -537,29 +527,30 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
         sel = [p for p in peaks if p["group"] == group and (leader is None or p["leader"] == leader)]
         if not sel:
             return 0.0, 0
-        if key == "both":
-            return max(max(p["rss"], p["hwm"]) for p in sel), len(sel)
+        if key == "all":
+            return max(max(p["job"], p["parquet"], p["jsonl"], p["hwm"]) for p in sel), len(sel)
         return max(p[key] for p in sel), len(sel)
 
     rj = svc["redis"]
     print()
+    print("Peak RSS per process: VmRSS sampled every 0.2 s during the job (first byte -> terminal) and during each "
+          "download, VmHWM read at the end; the max over the processes of each kind.")
+    print()
     print("| memory | MiB |")
     print("|---|---:|")
-    print(f"| in-process peak RSS (one process) | {mib(inproc['peak_rss'])} |")
-    for group, label in (("web", "web (gunicorn)"), ("worker", "worker (celery)")):
-        v, n = group_peak(group, None, "both")
-        print(f"| {label}: max over its {n} processes, max(VmRSS sampled, VmHWM) | {mib(v)} |")
-        if group == "web":
-            for leader, who in ((True, "gunicorn master"), (False, "gunicorn workers")):
-                v, n = group_peak(group, leader, "both")
-                vj, _ = group_peak(group, leader, "rss_job")
-                print(f"| &nbsp; {who} ({n}): peak / VmRSS peak during the job | {mib(v)} / {mib(vj)} |")
-        else:
-            for leader, who in ((True, "celery main"), (False, "celery pool children")):
-                v, n = group_peak(group, leader, "both")
-                vj, _ = group_peak(group, leader, "rss_job")
-                print(f"| &nbsp; {who} ({n}): peak / VmRSS peak during the job | {mib(v)} / {mib(vj)} |")
-    v, _ = group_peak("redis", None, "both")
+    print(f"| in-process peak RSS (one process, ru_maxrss) | {mib(inproc['peak_rss'])} |")
+    for group, label, kinds in (("web", "web (gunicorn)", ((True, "gunicorn master"), (False, "gunicorn workers"))),
+                                ("worker", "worker (celery)", ((True, "celery main"), (False, "celery pool children")))):
+        v, n = group_peak(group, None, "all")
+        print(f"| **{label}: max over its {n} processes, max(VmRSS, VmHWM)** | **{mib(v)}** |")
+        for leader, who in kinds:
+            vj, n = group_peak(group, leader, "job")
+            vp, _ = group_peak(group, leader, "parquet")
+            vl, _ = group_peak(group, leader, "jsonl")
+            vh, _ = group_peak(group, leader, "hwm")
+            print(f"| &nbsp; {who} ({n}): VmRSS during the job / Parquet download / JSONL download; VmHWM | "
+                  f"{mib(vj)} / {mib(vp)} / {mib(vl)}; {mib(vh)} |")
+    v, _ = group_peak("redis", None, "all")
     print(f"| redis-compatible server process peak RSS | {mib(v)} |")
     print(f"| Redis used_memory_peak (after the job) | {mib(rj['used_memory_peak'])} |")
     print(f"| Redis used_memory (after the job) | {mib(rj['used_memory'])} |")
@@ -567,6 +558,14 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"{svc['results_bytes'] / MiB:,.1f} |")
     print(f"| results downloaded: Parquet / JSON Lines | {svc['pq'][1] / MiB:,.1f} / {svc['jsonl'][1] / MiB:,.1f} |")
     print(f"| in-process Parquet file | {inproc['parquet_bytes'] / MiB:,.1f} |")
+    print()
+    print("| process | pid | VmRSS peak: job | Parquet download | JSONL download | VmHWM |")
+    print("|---|---:|---:|---:|---:|---:|")
+    roles = {("web", True): "gunicorn master", ("web", False): "gunicorn worker", ("worker", True): "celery main",
+             ("worker", False): "celery pool child", ("redis", True): "redis-compatible server"}
+    for pid, p in sorted(svc["peaks"].items(), key=lambda kv: (kv[1]["group"], not kv[1]["leader"], kv[0])):
+        print(f"| {roles.get((p['group'], p['leader']), p['group'])} | {pid} | {mib(p['job'])} | {mib(p['parquet'])} "
+              f"| {mib(p['jsonl'])} | {mib(p['hwm'])} |")
 
     # Where the time goes.
     samples = svc["samples"]
@@ -576,17 +575,18 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
     print()
     print("| t | rows ingested by the API | rows succeeded (workers) | status |")
     print("|---:|---:|---:|---:|")
-    step = max(e2e / 20, 1.0)
+    ok_at_202 = svc["job_at_202"]["counts"]["succeeded"]
+    timeline = [(t - first, ingested, ok, status) for t, ingested, ok, status in samples]
+    timeline.append((accepted, rows, ok_at_202, f"**202** ({svc['job_at_202']['status']})"))
+    timeline.sort(key=lambda s: s[0])
+    step = max(e2e / 25, POLL_SECONDS)
     next_t = 0.0
-    for i, (t, ingested, ok, status) in enumerate(samples):
-        rel = t - first
-        if rel >= next_t or i == len(samples) - 1:
+    for i, (rel, ingested, ok, status) in enumerate(timeline):
+        if rel >= next_t or i == len(timeline) - 1 or status.startswith("**"):
             print(f"| {rel:.1f} | {ingested:,} | {ok:,} | {status} |")
             next_t = rel + step
-    first_commit = next((s[0] - first for s in samples if s[2] > 0), None)
-    first_ingest = next((s[0] - first for s in samples if s[1] > 0), None)
-    at_202 = _at(samples, svc["accepted"]) or (0, 0)
-    ok_at_202 = svc["job_at_202"]["counts"]["succeeded"]
+    first_commit = next((s[0] for s in timeline if s[2] > 0), None)
+    first_ingest = next((s[0] for s in timeline if s[1] > 0), None)
     print()
     print(f"- upload body fully handed to the socket at {svc['last_byte'] - first:.1f} s; 202 at {accepted:.1f} s; "
           f"terminal at {e2e:.1f} s (polled every {POLL_SECONDS} s)")

@@ -227,6 +227,8 @@ class _Replay(io.RawIOBase):
         super().__init__()
         self._head = head
         self._stream = stream
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._offset = 0
 
     def readable(self) -> bool:
         return True
@@ -236,7 +238,18 @@ class _Replay(io.RawIOBase):
             raise ValueError("the size to read must be given")  # an unbounded read would hold the whole file
         out, self._head = self._head[:size], self._head[size:]
         # Short reads would make pyarrow parse tiny blocks, so fill every read.
-        return out + _read_full(self._stream, size - len(out)) if len(out) < size else out
+        if len(out) < size:
+            out += _read_full(self._stream, size - len(out))
+        self._check_utf8(out)
+        return out
+
+    def _check_utf8(self, data: bytes) -> None:
+        """Refuse text that is not UTF-8 here: pyarrow cannot even report such a row to the row handler."""
+        try:
+            self._utf8.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise InvalidFile(f"The file is not UTF-8 text (byte {self._offset + exc.start} after the header).") from exc
+        self._offset += len(data)
 
     def at_end(self) -> bool:
         """Whether nothing at all is left to read."""

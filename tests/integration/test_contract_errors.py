@@ -293,8 +293,31 @@ def test_job_out_of_range_option_is_invalid_parameter(quiet, option, value):
     """chunk_size below 1 or max_error_rate outside 0..1 is 400 invalid_parameter naming the field."""
     error = rejected(quiet, 400, "invalid_parameter", json={"model": "fussy", "rows": [GOOD_ROW], option: value})
     assert option in field_codes(error)
-    error = rejected(quiet, 400, "invalid_parameter", **upload({"model": "fussy", option: str(value)}, "x.csv", GOOD_CSV))
+    form = upload({"model": "fussy", option: str(value)}, "x.csv", GOOD_CSV)
+    error = rejected(quiet, 400, "invalid_parameter", **form)
     assert option in field_codes(error)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"rows": [GOOD_ROW]}, "model"),
+    ({"model": "fussy", "rows": "not a list"}, "rows"),
+    ({"model": "fussy", "rows": [GOOD_ROW], "probabilities": "maybe"}, "probabilities"),
+    ({"model": "fussy", "rows": [GOOD_ROW], "metadata": {"team": ["a"]}}, "metadata"),
+    ({"model": "fussy"}, "rows"),
+], ids=["no-model", "rows-type", "probabilities-type", "metadata-type", "no-rows"])
+def test_job_invalid_field_is_invalid_parameter(quiet, body, field):
+    """A job body with a missing or mistyped field is 400 invalid_parameter naming the field."""
+    error = rejected(quiet, 400, "invalid_parameter", json=body)
+    assert any(name.split(".")[0] == field for name in field_codes(error)), error
+
+
+def test_job_upload_with_bad_form_fields_is_invalid_parameter(quiet):
+    """An upload with metadata that is not JSON, or with no file part, is 400 invalid_parameter."""
+    form = upload({"model": "fussy", "metadata": "{team"}, "x.csv", GOOD_CSV)
+    error = rejected(quiet, 400, "invalid_parameter", **form)
+    assert "metadata" in field_codes(error)
+    payload = (b'--b0\r\nContent-Disposition: form-data; name="model"\r\n\r\nfussy\r\n--b0--\r\n')
+    rejected(quiet, 400, "invalid_parameter", data=payload, content_type="multipart/form-data; boundary=b0")
 
 
 def test_job_malformed_json_body(quiet):
