@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,9 +34,23 @@ TERMINAL = frozenset({Status.SUCCEEDED, Status.PARTIALLY_SUCCEEDED, Status.FAILE
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # (ms, random part) of the last id made by this process
+
+
 def new_job_id(now: float | None = None) -> str:
-    """A URL-safe id whose lexical order is its creation order (48-bit ms time + 80 random bits)."""
-    value = (int((now or time.time()) * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    """A URL-safe id whose lexical order is its creation order (48-bit ms time + 80 random bits).
+
+    Within one process, ids made in the same millisecond still sort in creation order.
+    """
+    ms = int((now or time.time()) * 1000)
+    with _id_lock:
+        if ms <= _last_id[0]:
+            ms, rand = _last_id[0], _last_id[1] + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+        _last_id[0], _last_id[1] = ms, rand
+    value = (ms << 80) | rand
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])

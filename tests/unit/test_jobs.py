@@ -8,13 +8,9 @@ import pytest
 from shared import blobs, keys
 from shared.chunk import process_chunk
 from shared.jobs import JobOptions, JobStore, Status, new_job_id
+from shared.reconcile import reconcile
 from shared.registry import Registry
 from tests.support import models as test_models
-
-
-@pytest.fixture
-def store() -> JobStore:
-    return JobStore(fakeredis.FakeRedis(), result_ttl=3600, max_attempts=3, stale_after=300)
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +20,15 @@ def registry(tmp_path_factory) -> Registry:
     return Registry(root)
 
 
-@pytest.fixture(autouse=True)
-def _sha(registry):
-    global FUSSY_SHA
-    FUSSY_SHA = registry.get("fussy").sha256
+@pytest.fixture
+def store(registry) -> JobStore:
+    client = fakeredis.FakeRedis()
+    client.set("test:fussy_sha256", registry.get("fussy").sha256)
+    return JobStore(client, result_ttl=3600, max_attempts=3, stale_after=300)
 
 
 def _new(store: JobStore, **options) -> str:
-    return store.create(model="fussy", version="v1", sha256=FUSSY_SHA, options=JobOptions(**options), metadata={"k": "v"},
+    return store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(), options=JobOptions(**options), metadata={"k": "v"},
                         source_format="csv")
 
 
@@ -167,6 +164,32 @@ def test_commit_to_a_deleted_job_is_dropped(store, registry):
     assert process_chunk(store, registry, job_id, 0) == "gone"
     assert store.commit(job_id, 0, 5, 0, b"r", b"") == "gone"
     assert not store.r.keys(f"*{job_id}*")
+
+
+def test_reconciler_resends_stale_chunks_only(store, registry):
+    """Chunks neither done nor claimed for too long are sent again; fresh and done ones are left alone."""
+    job_id = _new(store)
+    _fill(store, job_id, [5, 5, 5])
+    process_chunk(store, registry, job_id, 0)
+    sent = []
+    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 0, "abandoned": 0}
+    store.r.hset(keys.sent(job_id), mapping={1: 1.0, 2: 1.0})
+    store.claim(job_id, 2)  # claimed just now: a worker has it
+    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 1, "abandoned": 0}
+    assert sent == [(job_id, 1)]
+
+
+def test_reconciler_fails_a_job_whose_input_stopped_arriving(store, registry):
+    """An upload that died mid-way (API process gone) ends failed with every row accounted for."""
+    job_id = _new(store)
+    store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
+    process_chunk(store, registry, job_id, 0)
+    store.r.hset(keys.job(job_id), "read_at", 1.0)
+    assert reconcile(store, lambda j, i: None, stale_after=300)["abandoned"] == 1
+    job = store.get(job_id)
+    assert job.status == Status.FAILED and job.error_code == "internal_error"
+    assert (job.total, job.succeeded + job.failed + job.skipped) == (5, 5)
+    assert reconcile(store, lambda j, i: None, stale_after=300) == {"resent": 0, "abandoned": 0}
 
 
 def test_job_stays_open_while_its_input_is_read(store, registry):
