@@ -18,7 +18,7 @@ from shared.dispatch import send_chunk
 from shared.errors import (EmptyInput, InvalidParameter, InvalidParameterValue, JobFinished, JobModelNotFound,
                            JobNotFinished, JobNotFound, JobRunning, MissingColumns, ModelNotFound, PredqError,
                            UnsupportedMediaType)
-from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
+from shared.ingest import BackgroundEmitter, Chunker, chunk_rows_for, narrow_numeric_text
 from shared.jobs import Job, JobOptions, Status
 from shared.readers import Batch, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
@@ -99,14 +99,17 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
         elif outcome == "gone":
             raise JobNotFound("The job was deleted while its input was being read.")
 
-    chunker = Chunker(chunk_rows, emit)
+    emitter = BackgroundEmitter(emit)
+    chunker = Chunker(chunk_rows, emitter)
     try:
         chunker.add(first)
         for batch in iterator:
             chunker.add(batch)
         chunker.close()
+        emitter.close()
         svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
     except BaseException:
+        emitter.abandon()
         svc.store.discard(job_id)
         raise
     job = svc.store.get(job_id)

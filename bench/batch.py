@@ -154,7 +154,7 @@ class ProcfileWeb(ApiServer):
         env = _procfile_env(super().environment())
         env["PORT"] = str(self.port)
         env["HOST"] = "127.0.0.1"
-        # gunicorn's control socket goes to $XDG_RUNTIME_DIR: keep it private to this run.
+        # gunicorn's control socket (when enabled) goes to $XDG_RUNTIME_DIR: keep it private to this run.
         env["XDG_RUNTIME_DIR"] = self._log_dir
         return env
 
@@ -284,6 +284,31 @@ def _pgrp(pid: int) -> int | None:
     return int(fields[2]) if fields[0] not in ("Z", "X") else None
 
 
+def cpu_seconds(groups: dict[str, int]) -> dict[int, tuple[str, bool, float]]:
+    """pid -> (group, is the group leader, user+system CPU seconds so far) for every process in the groups."""
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                data = fh.read().decode("utf-8", "replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        group = by_pgid.get(int(fields[2]))
+        if group is not None:
+            out[int(name)] = (group, int(name) == int(fields[2]), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class RssSampler(threading.Thread):
     """Every 0.2 s: VmRSS and VmHWM of every process in the given process groups, max kept per process."""
 
@@ -364,7 +389,8 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         out["web_log"], out["worker_log"] = web.log_path, worker.log_path
         out["server_version"] = client.info("server").get("valkey_version") or client.info("server")["redis_version"]
 
-        sampler = RssSampler({"web": web.pid, "worker": worker.pid, "redis": server.pid})
+        groups = {"web": web.pid, "worker": worker.pid, "redis": server.pid}
+        sampler = RssSampler(groups)
         sampler.start()
         poller = JobPoller(web.url, client)
         fields = {"model": args.model}
@@ -373,6 +399,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         body = MultipartBody(data, fields)
         session = requests.Session()
         log(f"uploading {body.length / MiB:.1f} MiB ({rows} rows) to POST /v1/jobs")
+        cpu_before, self_before = cpu_seconds(groups), _self_cpu()
         poller.start()
         r = session.post(f"{web.url}/v1/jobs", data=body, headers={"Content-Type": body.content_type},
                          timeout=(30, 3600))
@@ -394,6 +421,8 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
             if s:
                 log(f"  t={s[0] - first:6.1f}s status={s[3]} succeeded={s[2]}")
         terminal_at = poller.terminal_at
+        cpu_after, self_after = cpu_seconds(groups), _self_cpu()
+        cpu = {pid: (g, leader, t - cpu_before.get(pid, (g, leader, 0.0))[2]) for pid, (g, leader, t) in cpu_after.items()}
         final = poller.terminal_job
         assert terminal_at is not None and final is not None
         log(f"terminal after {terminal_at - first:.1f} s: {final['status']} counts={final['counts']}")
@@ -423,10 +452,11 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
             "pq": (pq_seconds, pq_bytes, pq_rows), "jsonl": (js_seconds, js_bytes, js_rows),
             "redis": redis_after_job, "redis_end": client.info("memory"), "results_bytes": results_bytes,
             "results_chunks": len(fields_), "peaks": sampler.peaks,
+            "cpu": cpu, "client_cpu": self_after - self_before,
             "worker_concurrency": len(worker.child_pids()), "web_workers": len(web.worker_pids()),
         })
         return out
-    except BaseException:
+    except Exception:
         for proc in started:
             if isinstance(proc, (ProcfileWeb, ProcfileWorker)):
                 log(f"last lines of the {proc.kind} log ({proc.log_path}):\n{proc.log_tail(30)}")
@@ -499,6 +529,13 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"pandas {pd.__version__}, numpy {np.__version__}, celery {celery.__version__}, "
           f"gunicorn {gunicorn.__version__}, server {svc.get('server_version')}")
     nproc = subprocess.run(["nproc"], check=False, capture_output=True, text=True).stdout.strip()
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], check=False, capture_output=True, text=True, cwd=REPO_ROOT).stdout
+
+    dirty = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    print(f"predq at commit {git('rev-parse', '--short', 'HEAD').strip() or '?'}"
+          + (f", with uncommitted changes to {', '.join(d[3:] for d in dirty)}" if dirty else ""))
     print(f"nproc {nproc}; load average before the run {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}; web: {svc['web_workers']} gunicorn workers (gthread), worker: 1 celery "
           f"worker with {svc['worker_concurrency']} pool processes; chunk_size "
@@ -561,10 +598,10 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
     print()
     print("| process | pid | VmRSS peak: job | Parquet download | JSONL download | VmHWM |")
     print("|---|---:|---:|---:|---:|---:|")
-    roles = {("web", True): "gunicorn master", ("web", False): "gunicorn worker", ("worker", True): "celery main",
-             ("worker", False): "celery pool child", ("redis", True): "redis-compatible server"}
+    labels = {("web", True): "gunicorn master", ("web", False): "gunicorn worker", ("worker", True): "celery main",
+              ("worker", False): "celery pool child", ("redis", True): "redis-compatible server"}
     for pid, p in sorted(svc["peaks"].items(), key=lambda kv: (kv[1]["group"], not kv[1]["leader"], kv[0])):
-        print(f"| {roles.get((p['group'], p['leader']), p['group'])} | {pid} | {mib(p['job'])} | {mib(p['parquet'])} "
+        print(f"| {labels.get((p['group'], p['leader']), p['group'])} | {pid} | {mib(p['job'])} | {mib(p['parquet'])} "
               f"| {mib(p['jsonl'])} | {mib(p['hwm'])} |")
 
     # Where the time goes.
@@ -597,8 +634,8 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
               f"had succeeded when the 202 came back")
     after = e2e - accepted
     if after > 0:
-        print(f"- after the 202: {rows - ok_at_202:,} rows in {after:.1f} s = {(rows - ok_at_202) / after:,.0f} rows/s "
-              "(workers alone)")
+        print(f"- after the 202: {rows - ok_at_202:,} rows left, done {after:.1f} s later (workers alone; the poll "
+              f"resolution is {POLL_SECONDS} s)")
     backlog = max((s[1] - s[2] for s in samples), default=0)
     print(f"- largest backlog (ingested, not yet committed): {backlog:,} rows")
     commits = [e for e in _read_json_lines(svc["worker_log"]) if e.get("message") == "chunk committed"]
@@ -610,6 +647,17 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
               f"{rows / busy:,.0f} rows/s per pool process while busy, {busy:.1f} s busy in total = "
               f"{busy / (conc * e2e):.0%} of {conc} processes x end-to-end time; "
               f"outcomes {sorted({e.get('outcome') for e in commits})}")
+    roles = {("web", True): "gunicorn master", ("web", False): "gunicorn workers", ("worker", True): "celery main",
+             ("worker", False): "celery pool children", ("redis", True): "redis-compatible server"}
+    spent: dict[str, float] = {}
+    for group, leader, seconds in svc["cpu"].values():
+        role = roles.get((group, leader), group)
+        spent[role] = spent.get(role, 0.0) + seconds
+    spent["this benchmark (client upload, polling, sampling)"] = svc["client_cpu"]
+    ncpu = len(os.sched_getaffinity(0))
+    print(f"- CPU seconds during the job (first byte -> terminal, {e2e:.1f} s wall, {ncpu} cores = "
+          f"{ncpu * e2e:.1f} core-seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in spent.items())
+          + f"; total {sum(spent.values()):.1f}")
     final = svc["job"]
     print(f"- job: status {final['status']}, counts {final['counts']}, server rows_per_second "
           f"{final.get('rows_per_second')}")

@@ -1,7 +1,9 @@
 """Turning an input (a stream of row batches) into stored chunks, sent to workers as each is complete."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -96,3 +98,46 @@ def run_chunker(batches: Iterable[Batch], chunker: Chunker) -> Chunker:
         chunker.add(batch)
     chunker.close()
     return chunker
+
+
+class BackgroundEmitter:
+    """Runs `emit` for each chunk on one background thread, in order, while the caller reads the next rows.
+
+    Casting, compressing and storing a chunk release the GIL, so they overlap with parsing. At most `depth`
+    chunks wait at once, which bounds the memory an upload holds. The first error is raised to the caller.
+    """
+
+    def __init__(self, emit: Callable[[int, pa.Table, list[RowError]], None], depth: int = 2):
+        self._emit = emit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predq-ingest")
+        self._slots = threading.BoundedSemaphore(depth)
+        self._futures: list[Future] = []
+
+    def __call__(self, index: int, table: pa.Table, errors: list[RowError]) -> None:
+        self._raise_first_error()
+        self._slots.acquire()
+        future = self._pool.submit(self._emit, index, table, errors)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+
+    def _raise_first_error(self) -> None:
+        pending = []
+        for future in self._futures:
+            if not future.done():
+                pending.append(future)
+            elif future.exception() is not None:
+                raise future.exception()
+        self._futures = pending
+
+    def close(self) -> None:
+        """Wait for every chunk to be emitted; raises the first error."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop: chunks not started are dropped, the one running finishes; errors are not raised."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._futures = []

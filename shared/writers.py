@@ -30,13 +30,16 @@ class _Drain(io.RawIOBase):
         return data
 
 
+_JSONL_SLICE = 4096  # rows encoded at a time: bounds the memory a download holds, whatever the chunk size
+
+
 def _jsonl(tables: Iterable[pa.Table]) -> Iterator[bytes]:
     for table in tables:
         names = table.column_names
-        columns = [table.column(n).to_pylist() for n in names]
-        lines = [orjson.dumps(dict(zip(names, values)), option=orjson.OPT_SERIALIZE_NUMPY) for values in zip(*columns)]
-        if lines:
-            yield b"\n".join(lines) + b"\n"
+        for start in range(0, table.num_rows, _JSONL_SLICE):
+            part = table.slice(start, _JSONL_SLICE)
+            columns = [part.column(n).to_pylist() for n in names]
+            yield b"".join(orjson.dumps(dict(zip(names, values))) + b"\n" for values in zip(*columns))
 
 
 def _csv(tables: Iterable[pa.Table], empty_schema: pa.Schema) -> Iterator[bytes]:

@@ -7,6 +7,7 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from shared import blobs, writers
 from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
@@ -121,3 +122,26 @@ def test_writers_give_a_valid_empty_file():
     assert b"".join(writers.stream("jsonl", iter([]), EMPTY)) == b""
     assert b"".join(writers.stream("csv", iter([]), EMPTY)).decode().strip() == '"row","id","prediction"'
     assert pq.read_table(io.BytesIO(b"".join(writers.stream("parquet", iter([]), EMPTY)))).num_rows == 0
+
+
+def test_background_emitter_keeps_order_and_raises_the_first_error():
+    """Chunks are emitted in order off the caller's thread; a failure reaches the caller."""
+    from shared.ingest import BackgroundEmitter
+
+    seen = []
+    emitter = BackgroundEmitter(lambda i, t, e: seen.append(i))
+    for i in range(20):
+        emitter(i, pa.table({"x": [i]}), [])
+    emitter.close()
+    assert seen == list(range(20))
+
+    def failing(i, t, e):
+        if i == 3:
+            raise RuntimeError("store down")
+
+    emitter = BackgroundEmitter(failing)
+    with pytest.raises(RuntimeError, match="store down"):
+        for i in range(50):
+            emitter(i, pa.table({"x": [i]}), [])
+        emitter.close()
+    emitter.abandon()
