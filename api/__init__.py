@@ -19,6 +19,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     settings = load_settings(config)
     configure_logging(settings.LOG_LEVEL)
+    for warning in settings.warnings():
+        log.warning(warning)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
