@@ -88,15 +88,15 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
                          max_error_rate=req.max_error_rate)
     job_id = svc.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options,
-                              metadata=req.metadata or {}, source_format=source_format)
+                              metadata=req.metadata or {}, source_format=source_format, window=s.JOB_QUEUE_WINDOW)
 
     def emit(index: int, table: pa.Table, row_errors: list) -> None:
         table = narrow_numeric_text(table, mv)
         blob = blobs.encode(table, s.CHUNK_COMPRESSION, row_errors)
-        outcome = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
-        if outcome == "queued":
-            send_chunk(svc.celery, job_id, index)
-        elif outcome == "gone":
+        outcome, to_send = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
+        for next_index in to_send:
+            send_chunk(svc.celery, job_id, next_index)
+        if outcome == "gone":
             raise JobNotFound("The job was deleted while its input was being read.")
 
     emitter = BackgroundEmitter(emit)

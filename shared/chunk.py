@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,7 @@ from shared.prediction import predict, validate
 from shared.registry import ModelVersion, Registry
 
 log = logging.getLogger(__name__)
+Send = Callable[[str, int], None]
 
 
 def _id_values(table: pa.Table, id_column: str | None, positions: np.ndarray) -> pa.Array | None:
@@ -80,7 +82,7 @@ def failed_chunk_errors(table: pa.Table, pre_errors: list, job: Job, message: st
                          job.options.id_column, [all_ids[i] for i in order] if job.options.id_column else None)
 
 
-def fail_chunk(store: JobStore, job_id: str, index: int, message: str, compression: str = "zstd") -> str:
+def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd") -> str:
     """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it)."""
     job = store.get(job_id)
     blob = store.input_blob(job_id, index)
@@ -88,7 +90,15 @@ def fail_chunk(store: JobStore, job_id: str, index: int, message: str, compressi
         return "gone"
     table, pre_errors = blobs.decode(blob)
     errors = failed_chunk_errors(table, pre_errors, job, message)
-    return store.commit(job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+    return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+
+
+def _commit(store: JobStore, send: Send, job_id: str, index: int, *args) -> str:
+    """Commit a chunk, then send the chunks its commit let into the job's window."""
+    status, to_send = store.commit(job_id, index, *args)
+    for next_index in to_send:
+        send(job_id, next_index)
+    return status
 
 
 def _fail_job(store: JobStore, job_id: str, index: int, code: str, message: str) -> str:
@@ -97,7 +107,7 @@ def _fail_job(store: JobStore, job_id: str, index: int, code: str, message: str)
     return store.skip(job_id, index)
 
 
-def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, *,
+def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, send: Send, *,
                   compression: str = "zstd", max_predict_calls: int = 200) -> str:
     """Run one chunk of a job end to end; returns what became of it (for logs and tests)."""
     outcome, attempt, blob = store.claim(job_id, index)
@@ -113,7 +123,7 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
         message = f"the chunk could not be processed after {attempt - 1} attempts"
         log.error("job %s chunk %d: %s; its rows fail", job_id, index, message)
         errors = failed_chunk_errors(table, pre_errors, job, message)
-        return store.commit(job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+        return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
     try:
         mv = registry.get(job.model, job.version)
     except ModelNotFound as e:
@@ -124,8 +134,8 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
         log.error("job %s chunk %d refused: %s", job_id, index, message)
         return _fail_job(store, job_id, index, "model_not_found", message)
     results, errors = score_table(mv, table, pre_errors, job, max_predict_calls)
-    return store.commit(
-        job_id, index, results.num_rows, errors.num_rows,
+    return _commit(
+        store, send, job_id, index, results.num_rows, errors.num_rows,
         blobs.encode(results, compression) if results.num_rows else b"",
         blobs.encode(errors, compression) if errors.num_rows else b"",
     )

@@ -168,6 +168,7 @@ class JobStore:
         self.max_attempts = max_attempts
         self.stale_after = stale_after
         self._add_chunk = client.register_script(lua.ADD_CHUNK)
+        self._feed = client.register_script(lua.FEED)
         self._finish_ingest = client.register_script(lua.FINISH_INGEST)
         self._claim = client.register_script(lua.CLAIM_CHUNK)
         self._commit = client.register_script(lua.COMMIT_CHUNK)
@@ -182,14 +183,15 @@ class JobStore:
 
     # -- creation, while the input is read ----------------------------------------------------------
     def create(self, *, model: str, version: str, sha256: str, options: JobOptions, metadata: dict,
-               source_format: str) -> str:
-        """A new job in `queued` state that is still reading its input."""
+               source_format: str, window: int = 16) -> str:
+        """A new job in `queued` state that is still reading its input; at most `window` chunks in the broker."""
         now = time.time()
         job_id = new_job_id(now)
         fields = {
             "id": job_id, "status": Status.QUEUED.value, "model": model, "version": version, "sha256": sha256,
             "created_at": repr(now), "ingesting": "1", "format": source_format,
             "rows_read": 0, "succeeded": 0, "failed": 0, "skipped": 0, "chunks_done": 0, "chunks_seen": 0,
+            "window": window, "sent_upto": 0, "queued": 0,
             "probabilities": "1" if options.probabilities else "0",
             "metadata": json.dumps(metadata),
         }
@@ -206,9 +208,13 @@ class JobStore:
             p.execute()
         return job_id
 
-    def add_chunk(self, job_id: str, index: int, n_rows: int, blob: bytes) -> str:
-        """Store one chunk's input; 'queued' means its message should now be sent."""
-        return self._decode(self._add_chunk(self._keys(job_id), [index, n_rows, blob, time.time(), self.result_ttl]))
+    def add_chunk(self, job_id: str, index: int, n_rows: int, blob: bytes) -> tuple[str, list[int]]:
+        """Store one chunk's input: ('stored', chunks whose messages to send now), ('skipped', []) or ('gone', [])."""
+        return self._with_sends(self._add_chunk(self._keys(job_id), [index, n_rows, blob, time.time()]))
+
+    def feed(self, job_id: str) -> list[int]:
+        """Chunks to send now to fill the job's window in the broker (after messages went missing)."""
+        return [int(i) for i in self._feed(self._keys(job_id), [time.time()])]
 
     def finish_ingest(self, job_id: str, total: int, chunks_total: int) -> str:
         return self._decode(self._finish_ingest(self._keys(job_id), [total, chunks_total, time.time(), self.result_ttl]))
@@ -229,15 +235,19 @@ class JobStore:
         attempt = int(reply[1]) if len(reply) > 1 else 0
         return outcome, attempt, (reply[2] if len(reply) > 2 else None)
 
-    def commit(self, job_id: str, index: int, succeeded: int, failed: int, result_blob: bytes, error_blob: bytes) -> str:
-        """Commit a processed chunk once: 'duplicate' when it was already committed, else the job's state."""
-        return self._decode(self._commit(
+    def commit(self, job_id: str, index: int, succeeded: int, failed: int, result_blob: bytes,
+               error_blob: bytes) -> tuple[str, list[int]]:
+        """Commit a processed chunk once: ('duplicate', []) when it already was, else (the job's state, chunks to send)."""
+        return self._with_sends(self._commit(
             self._keys(job_id),
             [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after],
         ))
 
     def skip(self, job_id: str, index: int) -> str:
-        return self._decode(self._skip(self._keys(job_id), [index, time.time(), self.result_ttl]))
+        return self._decode(self._skip(self._keys(job_id), [index, time.time(), self.result_ttl])[0])
+
+    def _with_sends(self, reply: list) -> tuple[str, list[int]]:
+        return self._decode(reply[0]), [int(i) for i in reply[1:]]
 
     def stop(self, job_id: str, how: str, error_code: str = "", error_message: str = "") -> str:
         """Cancel ('cancel') or fail ('fail') a job: idle chunks are skipped now, running ones may finish."""
@@ -315,7 +325,7 @@ class JobStore:
             pending, done, sent, running = p.execute()
         stale = []
         for raw in pending:
-            if raw in done:
+            if raw in done or raw not in sent:  # not sent yet: held back by the job's window, not lost
                 continue
             last = max(float(sent.get(raw, 0)), float(running.get(raw, 0)))
             if now - last > stale_after:

@@ -33,6 +33,38 @@ local function skip_idle_chunks(now, stale_after)
   end
 end
 
+-- Mark chunks sent, in input order, while fewer than the job's window of them are in the broker; a job
+-- thus never floods the queue, and jobs submitted later interleave with it. Returns the indexes to send.
+local function feed(now)
+  local out = {}
+  if redis.call('HGET', job, 'stop') then return out end
+  local window, upto, seen, queued = num(job, 'window'), num(job, 'sent_upto'), num(job, 'chunks_seen'), num(job, 'queued')
+  while queued < window and upto < seen do
+    local idx = tostring(upto)
+    upto = upto + 1
+    if redis.call('SISMEMBER', done, idx) == 0 then
+      redis.call('HSET', sent, idx, now)
+      queued = queued + 1
+      out[#out + 1] = idx
+    end
+  end
+  redis.call('HSET', job, 'sent_upto', upto, 'queued', queued)
+  return out
+end
+
+-- A sent chunk has left the broker for good (committed or skipped): it frees a place in the window.
+local function settle(idx)
+  if tonumber(idx) < num(job, 'sent_upto') then
+    redis.call('HSET', job, 'queued', math.max(num(job, 'queued') - 1, 0))
+  end
+end
+
+-- Prepend a status to a list of chunk indexes to send.
+local function with_sends(status, sends)
+  table.insert(sends, 1, status)
+  return sends
+end
+
 -- The one place a job becomes terminal: when its input is fully read and every chunk is committed.
 local function finalise_if_complete(now, ttl)
   if redis.call('HGET', job, 'ingesting') == '1' then return 'open' end
@@ -59,18 +91,23 @@ local function finalise_if_complete(now, ttl)
 end
 """
 
-# ARGV: idx, nrows, blob, now, ttl -> 'gone' | 'queued' | 'skipped'
+# ARGV: idx, nrows, blob, now -> {'gone'} | {'stored', idx to send...} | {'skipped'}
 ADD_CHUNK = _PRELUDE + r"""
 local idx, nrows, blob, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if redis.call('EXISTS', job) == 0 then return 'gone' end
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
 redis.call('HSET', chunks, idx, nrows)
 redis.call('HINCRBY', job, 'rows_read', nrows)
 redis.call('HINCRBY', job, 'chunks_seen', 1)
 redis.call('HSET', job, 'read_at', now)
-if redis.call('HGET', job, 'stop') then skip_chunk(idx) return 'skipped' end
+if redis.call('HGET', job, 'stop') then skip_chunk(idx) return {'skipped'} end
 redis.call('HSET', inputs, idx, blob)
-redis.call('HSET', sent, idx, now)
-return 'queued'
+return with_sends('stored', feed(now))
+"""
+
+# ARGV: now -> chunk indexes to send now (the reconciler's top-up of a job's window)
+FEED = _PRELUDE + r"""
+if redis.call('EXISTS', job) == 0 then return {} end
+return feed(tonumber(ARGV[1]))
 """
 
 # ARGV: total_rows, chunks_total, now, ttl -> status or 'open' | 'gone'
@@ -100,14 +137,15 @@ return {'run', n, blob}
 """
 
 # ARGV: idx, succeeded, failed, result_blob, error_blob, now, ttl, stale_after
-#   -> 'gone' | 'duplicate' | 'open' | terminal status
+#   -> {'gone'} | {'duplicate'} | {'open' or terminal status, chunk indexes to send next...}
 COMMIT_CHUNK = _PRELUDE + r"""
 local idx = ARGV[1]
 local ok, bad = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now, ttl, stale_after = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if redis.call('EXISTS', job) == 0 then return 'gone' end
-if TERMINAL[redis.call('HGET', job, 'status')] then return 'duplicate' end
-if redis.call('SADD', done, idx) == 0 then return 'duplicate' end
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if TERMINAL[redis.call('HGET', job, 'status')] then return {'duplicate'} end
+if redis.call('SADD', done, idx) == 0 then return {'duplicate'} end
+settle(idx)
 redis.call('HDEL', inputs, idx)
 redis.call('HDEL', running, idx)
 if ok > 0 then redis.call('HSET', results, idx, ARGV[4]) end
@@ -124,14 +162,16 @@ if rate and not redis.call('HGET', job, 'stop') then
     skip_idle_chunks(now, stale_after)
   end
 end
-return finalise_if_complete(now, ttl)
+local sends = feed(now)
+return with_sends(finalise_if_complete(now, ttl), sends)
 """
 
 # ARGV: idx, now, ttl -> like COMMIT_CHUNK; for a chunk found while the job is stopping.
 SKIP_CHUNK = _PRELUDE + r"""
-if redis.call('EXISTS', job) == 0 then return 'gone' end
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if redis.call('SISMEMBER', done, ARGV[1]) == 0 then settle(ARGV[1]) end
 skip_chunk(ARGV[1])
-return finalise_if_complete(tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {finalise_if_complete(tonumber(ARGV[2]), tonumber(ARGV[3]))}
 """
 
 # ARGV: stop ('cancel'|'fail'), now, ttl, stale_after, error_code, error_message

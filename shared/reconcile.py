@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def reconcile(store: JobStore, send: Callable[[str, int], None], *, stale_after: float) -> dict[str, int]:
     """Re-send stale chunks of active jobs; fail jobs whose input stopped arriving. Returns what it did."""
     now = time.time()
-    did = {"resent": 0, "abandoned": 0}
+    did = {"resent": 0, "fed": 0, "abandoned": 0}
     for job_id in store.active_ids():
         job = store.get(job_id)
         if job is None or job.status.terminal:
@@ -31,4 +31,7 @@ def reconcile(store: JobStore, send: Callable[[str, int], None], *, stale_after:
             store.mark_sent(job_id, index)
             send(job_id, index)
             did["resent"] += 1
+        for index in store.feed(job_id):  # the window had room (a worker died between commit and send)
+            send(job_id, index)
+            did["fed"] += 1
     return did

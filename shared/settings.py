@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     VISIBILITY_TIMEOUT: float = Field(600, gt=0)
     UNACKED_RESTORE_INTERVAL: float = Field(60, gt=0)
     CHUNK_QUEUE: str = "predq.chunks"
+    JOB_QUEUE_WINDOW: int = Field(16, ge=1, description="Chunks of one job in the broker at once.")
     STALE_CHUNK_SECONDS: float = Field(900, gt=0, description="A queued chunk not done after this is re-sent.")
     RECONCILE_INTERVAL: float = Field(60, gt=0)
     HEARTBEAT_INTERVAL: float = Field(5, gt=0)

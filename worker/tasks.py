@@ -43,6 +43,10 @@ def _registry() -> Registry:
     return Registry(s.MODELS_DIR, s.MODEL_RESCAN_SECONDS)
 
 
+def _send(job_id: str, index: int) -> None:
+    send_chunk(app, job_id, index)
+
+
 @signals.worker_process_init.connect
 def _one_thread_per_process(**_: object) -> None:
     # Pool processes share the cores; native thread pools in each would oversubscribe them.
@@ -76,14 +80,14 @@ def process_chunk(job_id: str, index: int) -> None:
     s = get_settings()
     started = time.perf_counter()
     try:
-        outcome = run_chunk(_store(), _registry(), job_id, index, compression=s.CHUNK_COMPRESSION,
+        outcome = run_chunk(_store(), _registry(), job_id, index, _send, compression=s.CHUNK_COMPRESSION,
                             max_predict_calls=s.BISECT_MAX_PREDICT_CALLS)
     except (redis.RedisError, SoftTimeLimitExceeded):
         raise  # transient or too slow: retried, and the chunk's attempt counter bounds the retries
     except Exception as e:  # noqa: BLE001 - a bug must fail this chunk's rows, not leave the job running forever
         log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
-                             s.CHUNK_COMPRESSION)
+                             _send, s.CHUNK_COMPRESSION)
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,
                                        "seconds": round(time.perf_counter() - started, 3)})
 
@@ -92,4 +96,4 @@ def process_chunk(job_id: str, index: int) -> None:
 def reconcile() -> None:
     """Re-send chunks whose messages were lost, and fail jobs whose input stopped arriving."""
     s = get_settings()
-    run_reconcile(_store(), lambda job_id, index: send_chunk(app, job_id, index), stale_after=s.STALE_CHUNK_SECONDS)
+    run_reconcile(_store(), _send, stale_after=s.STALE_CHUNK_SECONDS)

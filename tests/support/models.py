@@ -50,3 +50,60 @@ def install(models_dir: str | Path, name: str, estimator, version: str = "v1") -
 def install_test_models(models_dir: str | Path) -> None:
     install(models_dir, "fussy", fussy_classifier())
     install(models_dir, "fussy_reg", fussy_regressor())
+
+
+# -- models for fault-injection tests ---------------------------------------------------------------
+
+POISON = 999.0
+PREDICT_SLEEP_ENV = "PREDQ_TEST_PREDICT_SLEEP"
+
+
+def slow_step(X):
+    """Sleep PREDQ_TEST_PREDICT_SLEEP seconds (read at every call, default 0) per call: chunks take a set time."""
+    import os
+    import time
+
+    seconds = float(os.environ.get(PREDICT_SLEEP_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+    return X
+
+
+def kill_on_poison(X):
+    """SIGKILL the calling process when any value equals POISON: a chunk that kills its worker every time."""
+    import os
+    import signal
+
+    values = X.to_numpy() if hasattr(X, "to_numpy") else np.asarray(X)
+    if (values == POISON).any():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return X
+
+
+def slow_regressor():
+    """A regressor on FEATURES whose every predict call first sleeps PREDQ_TEST_PREDICT_SLEEP seconds."""
+    X = training_frame(seed=2)
+    y = X["f0"] * 2.0 + X["f1"] - X["f4"] * 0.5 + 1.0
+    return make_pipeline(FunctionTransformer(slow_step), LinearRegression()).fit(X, y)
+
+
+def poison_regressor():
+    """A regressor on FEATURES that SIGKILLs its own process when a row holds POISON."""
+    X = training_frame(seed=3)
+    y = X["f0"] - X["f3"] * 2.0 + 0.25
+    return make_pipeline(FunctionTransformer(kill_on_poison), FunctionTransformer(slow_step),
+                         LinearRegression()).fit(X, y)
+
+
+def _write_meta(model_file: Path) -> None:
+    """A model.json naming the features, so loading never calls predict."""
+    import json
+
+    meta = {"features": [{"name": f, "dtype": "float64"} for f in FEATURES], "allows_missing": False}
+    (model_file.parent / "model.json").write_text(json.dumps(meta))
+
+
+def install_fault_models(models_dir: str | Path) -> None:
+    """Install `slow_reg` and `poison_reg` (see above) into models_dir."""
+    _write_meta(install(models_dir, "slow_reg", slow_regressor()))
+    _write_meta(install(models_dir, "poison_reg", poison_regressor()))

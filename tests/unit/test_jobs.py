@@ -41,10 +41,15 @@ def _chunk_blob(first_row: int, n: int, sentinel_at: tuple[int, ...] = ()) -> by
     return blobs.encode(table)
 
 
+def run(store: JobStore, registry: Registry, job_id: str, index: int) -> str:
+    """Process a chunk as a worker would, dropping the messages it would send."""
+    return process_chunk(store, registry, job_id, index, lambda j, i: None)
+
+
 def _fill(store: JobStore, job_id: str, sizes: list[int], **kw) -> None:
     start = 0
     for i, n in enumerate(sizes):
-        assert store.add_chunk(job_id, i, n, _chunk_blob(start, n, **kw)) == "queued"
+        assert store.add_chunk(job_id, i, n, _chunk_blob(start, n, **kw))[0] == "stored"
         start += n
     store.finish_ingest(job_id, sum(sizes), len(sizes))
 
@@ -60,7 +65,7 @@ def test_job_runs_to_success(store, registry):
     job_id = _new(store)
     _fill(store, job_id, [100, 100, 50])
     assert store.get(job_id).status == Status.QUEUED
-    outcomes = [process_chunk(store, registry, job_id, i) for i in range(3)]
+    outcomes = [run(store, registry, job_id, i) for i in range(3)]
     assert outcomes == ["open", "open", "succeeded"]
     job = store.get(job_id)
     assert (job.total, job.succeeded, job.failed, job.skipped) == (250, 250, 0, 0)
@@ -74,11 +79,11 @@ def test_duplicate_commit_changes_nothing(store, registry):
     """A chunk delivered twice is counted once."""
     job_id = _new(store)
     _fill(store, job_id, [10, 10])
-    assert process_chunk(store, registry, job_id, 0) == "open"
-    assert store.commit(job_id, 0, 10, 0, b"x", b"") == "duplicate"
-    assert process_chunk(store, registry, job_id, 0) == "done"
-    assert process_chunk(store, registry, job_id, 1) == "succeeded"
-    assert process_chunk(store, registry, job_id, 1) == "done"
+    assert run(store, registry, job_id, 0) == "open"
+    assert store.commit(job_id, 0, 10, 0, b"x", b"")[0] == "duplicate"
+    assert run(store, registry, job_id, 0) == "done"
+    assert run(store, registry, job_id, 1) == "succeeded"
+    assert run(store, registry, job_id, 1) == "done"
     job = store.get(job_id)
     assert (job.succeeded, job.failed) == (20, 0)
 
@@ -87,7 +92,7 @@ def test_failing_rows_make_a_partial_success(store, registry):
     """Rows the model raises on become prediction_failed errors; the job is partially_succeeded."""
     job_id = _new(store)
     _fill(store, job_id, [64], sentinel_at=(5, 40))
-    assert process_chunk(store, registry, job_id, 0) == "partially_succeeded"
+    assert run(store, registry, job_id, 0) == "partially_succeeded"
     errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
     assert errors.column("row").to_pylist() == [5, 40]
     assert set(errors.column("code").to_pylist()) == {"prediction_failed"}
@@ -97,13 +102,13 @@ def test_cancel_skips_idle_chunks_and_keeps_finished_ones(store, registry):
     """Cancel: processed rows stay, the rest are skipped, and the counts add up."""
     job_id = _new(store)
     _fill(store, job_id, [10, 20, 30])
-    process_chunk(store, registry, job_id, 0)
+    run(store, registry, job_id, 0)
     assert store.stop(job_id, "cancel") == "cancelled"
     job = store.get(job_id)
     assert job.status == Status.CANCELLED
     assert (job.succeeded, job.failed, job.skipped, job.total) == (10, 0, 50, 60)
     assert store.stop(job_id, "cancel") == "finished"
-    assert process_chunk(store, registry, job_id, 1) == "done"
+    assert run(store, registry, job_id, 1) == "done"
 
 
 def test_cancel_waits_for_a_running_chunk(store, registry):
@@ -113,7 +118,7 @@ def test_cancel_waits_for_a_running_chunk(store, registry):
     outcome, attempt, blob = store.claim(job_id, 0)
     assert (outcome, attempt) == ("run", 1)
     assert store.stop(job_id, "cancel") == "open"
-    assert store.commit(job_id, 0, 10, 0, b"r", b"") == "cancelled"
+    assert store.commit(job_id, 0, 10, 0, b"r", b"")[0] == "cancelled"
     job = store.get(job_id)
     assert (job.succeeded, job.skipped) == (10, 10)
 
@@ -122,7 +127,7 @@ def test_error_budget_fails_the_job(store, registry):
     """More failed rows than max_error_rate allows: the job fails and the rest is skipped."""
     job_id = _new(store, max_error_rate=0.01)
     _fill(store, job_id, [100, 100, 100], sentinel_at=(1, 2))
-    assert process_chunk(store, registry, job_id, 0) == "failed"
+    assert run(store, registry, job_id, 0) == "failed"
     job = store.get(job_id)
     assert job.error_code == "error_budget_exceeded"
     assert (job.succeeded, job.failed, job.skipped, job.total) == (98, 2, 200, 300)
@@ -131,7 +136,7 @@ def test_error_budget_fails_the_job(store, registry):
 def test_every_row_failing_fails_the_job(store, registry):
     job_id = _new(store)
     _fill(store, job_id, [1], sentinel_at=(0,))
-    assert process_chunk(store, registry, job_id, 0) == "failed"
+    assert run(store, registry, job_id, 0) == "failed"
 
 
 def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry):
@@ -140,7 +145,7 @@ def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry)
     _fill(store, job_id, [7])
     for attempt in (1, 2, 3):
         assert store.claim(job_id, 0)[:2] == ("run", attempt)
-    assert process_chunk(store, registry, job_id, 0) == "failed"
+    assert run(store, registry, job_id, 0) == "failed"
     errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
     assert errors.column("code").to_pylist() == ["chunk_failed"] * 7
 
@@ -150,7 +155,7 @@ def test_a_changed_model_file_fails_the_job(store, registry):
     job_id = store.create(model="fussy", version="v1", sha256="0" * 64, options=JobOptions(), metadata={},
                           source_format="csv")
     _fill(store, job_id, [5, 5])
-    assert process_chunk(store, registry, job_id, 0) == "failed"
+    assert run(store, registry, job_id, 0) == "failed"
     job = store.get(job_id)
     assert job.error_code == "model_not_found" and "sha256" in job.error_message
     assert (job.succeeded, job.skipped) == (0, 10)
@@ -161,8 +166,8 @@ def test_commit_to_a_deleted_job_is_dropped(store, registry):
     job_id = _new(store)
     _fill(store, job_id, [5])
     store.discard(job_id)
-    assert process_chunk(store, registry, job_id, 0) == "gone"
-    assert store.commit(job_id, 0, 5, 0, b"r", b"") == "gone"
+    assert run(store, registry, job_id, 0) == "gone"
+    assert store.commit(job_id, 0, 5, 0, b"r", b"")[0] == "gone"
     assert not store.r.keys(f"*{job_id}*")
 
 
@@ -170,12 +175,12 @@ def test_reconciler_resends_stale_chunks_only(store, registry):
     """Chunks neither done nor claimed for too long are sent again; fresh and done ones are left alone."""
     job_id = _new(store)
     _fill(store, job_id, [5, 5, 5])
-    process_chunk(store, registry, job_id, 0)
+    run(store, registry, job_id, 0)
     sent = []
-    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 0, "abandoned": 0}
+    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 0, "fed": 0, "abandoned": 0}
     store.r.hset(keys.sent(job_id), mapping={1: 1.0, 2: 1.0})
     store.claim(job_id, 2)  # claimed just now: a worker has it
-    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 1, "abandoned": 0}
+    assert reconcile(store, lambda j, i: sent.append((j, i)), stale_after=300) == {"resent": 1, "fed": 0, "abandoned": 0}
     assert sent == [(job_id, 1)]
 
 
@@ -183,22 +188,58 @@ def test_reconciler_fails_a_job_whose_input_stopped_arriving(store, registry):
     """An upload that died mid-way (API process gone) ends failed with every row accounted for."""
     job_id = _new(store)
     store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
-    process_chunk(store, registry, job_id, 0)
+    run(store, registry, job_id, 0)
     store.r.hset(keys.job(job_id), "read_at", 1.0)
     assert reconcile(store, lambda j, i: None, stale_after=300)["abandoned"] == 1
     job = store.get(job_id)
     assert job.status == Status.FAILED and job.error_code == "internal_error"
     assert (job.total, job.succeeded + job.failed + job.skipped) == (5, 5)
-    assert reconcile(store, lambda j, i: None, stale_after=300) == {"resent": 0, "abandoned": 0}
+    assert reconcile(store, lambda j, i: None, stale_after=300) == {"resent": 0, "fed": 0, "abandoned": 0}
 
 
 def test_job_stays_open_while_its_input_is_read(store, registry):
     """All chunks done but the input not finished: the job is not terminal yet."""
     job_id = _new(store)
     store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
-    assert process_chunk(store, registry, job_id, 0) == "open"
+    assert run(store, registry, job_id, 0) == "open"
     assert store.get(job_id).total is None
     assert store.finish_ingest(job_id, 5, 1) == "succeeded"
+
+
+def test_a_job_keeps_only_its_window_of_chunks_in_the_broker(store, registry):
+    """Chunks are sent in input order, at most `window` at a time; each commit lets the next one in."""
+    job_id = store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(),
+                          options=JobOptions(), metadata={}, source_format="csv", window=2)
+    sends = [store.add_chunk(job_id, i, 5, _chunk_blob(5 * i, 5))[1] for i in range(5)]
+    assert sends == [[0], [1], [], [], []]
+    store.finish_ingest(job_id, 25, 5)
+    sent = []
+    assert process_chunk(store, registry, job_id, 1, lambda j, i: sent.append(i)) == "open"
+    assert sent == [2]
+    assert process_chunk(store, registry, job_id, 1, lambda j, i: sent.append(i)) == "done"
+    assert sent == [2]  # a duplicate frees nothing
+    for i in (0, 2, 3):
+        process_chunk(store, registry, job_id, i, lambda j, i: sent.append(i))
+    assert sent == [2, 3, 4]
+    assert process_chunk(store, registry, job_id, 4, lambda j, i: sent.append(i)) == "succeeded"
+    assert store.stale_chunks(job_id, 1e12, 1) == []
+
+
+def test_held_chunks_are_not_stale_and_the_reconciler_tops_up_the_window(store, registry):
+    """Chunks held back by the window are not re-sent as lost; a window left short is filled again."""
+    job_id = store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(),
+                          options=JobOptions(), metadata={}, source_format="csv", window=1)
+    for i in range(3):
+        store.add_chunk(job_id, i, 5, _chunk_blob(5 * i, 5))
+    store.finish_ingest(job_id, 15, 3)
+    assert store.stale_chunks(job_id, 1e12, 1) == [0]
+    store.commit(job_id, 0, 5, 0, b"r", b"")  # committed, but the worker died before sending chunk 1
+    sent = []
+    assert reconcile(store, lambda j, i: sent.append(i), stale_after=300)["resent"] == 0
+    assert sent == []  # chunk 1 was marked sent by the commit: only staleness brings it back
+    store.r.hset(keys.sent(job_id), 1, 1.0)
+    assert reconcile(store, lambda j, i: sent.append(i), stale_after=300) == {"resent": 1, "fed": 0, "abandoned": 0}
+    assert sent == [1]
 
 
 def test_listing_pages_newest_first(store):
