@@ -11,13 +11,33 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from api import schemas
 from api.openapi import operation, path, query
-from api.parsing import MultipartUpload, is_json, json_body, option_fields, parse_bool, validated
+from api.parsing import (
+    HashingStream,
+    MultipartUpload,
+    is_json,
+    json_body_and_bytes,
+    option_fields,
+    parse_bool,
+    validated,
+)
 from api.services import Services, services
 from shared import blobs, writers
 from shared.dispatch import send_chunk
-from shared.errors import (EmptyInput, InvalidParameter, InvalidParameterValue, JobFinished, JobModelNotFound,
-                           JobNotFinished, JobNotFound, JobRunning, MissingColumns, ModelNotFound, PredqError,
-                           UnsupportedMediaType)
+from shared.errors import (
+    EmptyInput,
+    InvalidParameter,
+    InvalidParameterValue,
+    JobFinished,
+    JobModelNotFound,
+    JobNotFinished,
+    JobNotFound,
+    JobRunning,
+    MissingColumns,
+    ModelNotFound,
+    PredqError,
+    UnsupportedMediaType,
+)
+from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
 from shared.ingest import BackgroundEmitter, Chunker, chunk_rows_for, narrow_numeric_text
 from shared.jobs import Job, JobOptions, Status
 from shared.readers import Batch, detect_format, open_reader, records_batches
@@ -73,7 +93,7 @@ def _chunk_rows(svc: Services, req: schemas.JobRequest, n_columns: int) -> int:
 
 
 def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_format: str,
-            batches: Iterable[Batch], chunk_rows: int) -> Job:
+            batches: Iterable[Batch], chunk_rows: int, claim: Claim | None) -> Job:
     """Create the job at the first batch, store and send each chunk as it fills, and close the input.
 
     Any error before the input is complete removes the job and everything it wrote.
@@ -94,6 +114,8 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
         table = narrow_numeric_text(table, mv)
         blob = blobs.encode(table, s.CHUNK_COMPRESSION, row_errors)
         outcome, to_send = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
+        if claim is not None:
+            svc.idempotency.renew(claim)
         for next_index in to_send:
             send_chunk(svc.celery, job_id, next_index)
         if outcome == "gone":
@@ -117,8 +139,12 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     return job
 
 
-def _from_json(svc: Services) -> Job:
-    data = json_body(request, svc.settings.MAX_JSON_BYTES)
+def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
+    raw, data = json_body_and_bytes(request, svc.settings.MAX_JSON_BYTES)
+    fingerprint = Fingerprint({"query": sorted(request.args.items(multi=True))})
+    fingerprint.update(raw)
+    if claim is not None and not claim.acquired:
+        return _earlier_job(claim, fingerprint.hexdigest())
     if isinstance(data, dict):
         merged = option_fields({k: v for k, v in request.args.items()})
         merged.update(data)
@@ -136,14 +162,21 @@ def _from_json(svc: Services) -> Job:
     if req.id_column and req.id_column not in seen:
         _check_columns(mv, [f.name for f in mv.features], req.id_column)
     size = _chunk_rows(svc, req, len(wanted))
-    return _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size)
+    job = _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size, claim)
+    return job, fingerprint.hexdigest(), True
 
 
-def _from_upload(svc: Services) -> Job:
+def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     upload = MultipartUpload(request)
     if not upload.read_until_file():
         raise InvalidParameter("The multipart body has no part named 'file'.",
                                details={"fields": [{"name": "file", "code": "missing", "message": "Field required"}]})
+    fingerprint = Fingerprint({"query": sorted(request.args.items(multi=True)), "fields": upload.fields,
+                               "filename": upload.filename})
+    stream = HashingStream(upload.file(), fingerprint)
+    if claim is not None and not claim.acquired:
+        stream.drain()
+        return _earlier_job(claim, fingerprint.hexdigest())
     raw = option_fields({k: v for k, v in request.args.items()})
     raw.update(option_fields(upload.fields))
     req = validated(schemas.JobRequest, raw)
@@ -153,16 +186,40 @@ def _from_upload(svc: Services) -> Job:
     wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
     size = _chunk_rows(svc, req, len(wanted))
     # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived.
-    reader = open_reader(fmt, upload.file(), wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR)
+    reader = open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR)
     with reader:
         _check_columns(mv, reader.columns, req.id_column)
-        return _ingest(svc, mv, req, fmt, reader, size)
+        job = _ingest(svc, mv, req, fmt, reader, size, claim)
+    stream.drain()
+    return job, fingerprint.hexdigest(), True
+
+
+def _earlier_job(claim: Claim, fingerprint: str) -> tuple[Job, str, bool]:
+    """The job the first request with this key made, if this request is the same one."""
+    IdempotencyKeys.check_same(claim, fingerprint)
+    job = services().store.get(claim.job_id or "")
+    if job is None:
+        raise JobNotFound(f"The job {claim.job_id} made with this Idempotency-Key has been deleted or has expired.")
+    return job, fingerprint, False
+
+
+def _idempotency_claim(svc: Services) -> Claim | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidParameter("Idempotency-Key must be 1 to 255 printable characters.",
+                               details={"fields": [{"name": "Idempotency-Key", "code": "invalid_parameter",
+                                                    "message": "1 to 255 printable characters"}]})
+    return svc.idempotency.claim(key)
 
 
 @bp.post("/v1/jobs")
 @operation("post", "/v1/jobs", summary="Create a batch job",
            params=[query(n, {"type": "string"}, "An option, as in the JSON body.") for n in
-                   ("model", "version", "id_column", "probabilities", "chunk_size", "max_error_rate", "metadata")],
+                   ("model", "version", "id_column", "probabilities", "chunk_size", "max_error_rate", "metadata")]
+           + [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"},
+               "description": "The same key with the same request returns the first job (200) instead of a new one."}],
            body={"application/json": {"model": schemas.JobRequest},
                  "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                      "model": {"type": "string"}, "version": {"type": "string"}, "id_column": {"type": "string"},
@@ -170,20 +227,34 @@ def _from_upload(svc: Services) -> Job:
                      "max_error_rate": {"type": "number"}, "metadata": {"type": "string"},
                      "file": {"type": "string", "format": "binary",
                               "description": "CSV with a header row, JSON Lines or Parquet; options go before it."}}}}},
-           responses={202: schemas.Job, 400: None, 403: None, 413: None, 415: None, 422: None})
+           responses={200: schemas.Job, 202: schemas.Job, 400: None, 403: None, 409: None, 413: None, 415: None,
+                      422: None, 503: None})
 def create_job() -> Response:
-    """Rows are split into chunks as they arrive; workers start on the first chunks before the upload ends."""
+    """Rows are split into chunks as they arrive; workers start on the first chunks before the upload ends.
+
+    With an Idempotency-Key, the same request again answers 200 with the job the first one made.
+    """
     svc = services()
     if is_json(request):
-        job = _from_json(svc)
+        read = _from_json
     elif request.mimetype == "multipart/form-data":
-        job = _from_upload(svc)
+        read = _from_upload
     else:
         raise UnsupportedMediaType(f"Content type {request.mimetype or 'none'} is not accepted; send application/json "
                                    "with 'rows', or multipart/form-data with a 'file' part.")
-    log.info("job created", extra={"job_id": job.id, "model": job.model, "model_version": job.version,
-                                   "rows": job.total})
-    return _json(job.to_public(), 202, {"Location": f"/v1/jobs/{job.id}"})
+    claim = _idempotency_claim(svc)
+    try:
+        job, fingerprint, created = read(svc, claim)
+    except BaseException:
+        if claim is not None and claim.acquired:
+            svc.idempotency.release(claim)
+        raise
+    if claim is not None and claim.acquired:
+        svc.idempotency.complete(claim, fingerprint, job.id)
+    if created:
+        log.info("job created", extra={"job_id": job.id, "model": job.model, "model_version": job.version,
+                                       "rows": job.total})
+    return _json(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
 
 
 def _job(job_id: str) -> Job:

@@ -23,6 +23,11 @@ def is_json(request: Request) -> bool:
 
 def json_body(request: Request, max_bytes: int) -> Any:
     """The parsed JSON body; 415 for another content type, 400 for a body that is not JSON."""
+    return json_body_and_bytes(request, max_bytes)[1]
+
+
+def json_body_and_bytes(request: Request, max_bytes: int) -> tuple[bytes, Any]:
+    """The body's bytes and their parse (see json_body)."""
     if not is_json(request):
         shown = request.mimetype or "none"
         raise UnsupportedMediaType(f"Content type {shown} is not accepted here; send application/json.")
@@ -32,7 +37,7 @@ def json_body(request: Request, max_bytes: int) -> Any:
     if len(data) > max_bytes:
         raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).")
     try:
-        return orjson.loads(data)
+        return data, orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise MalformedJson(f"The body is not valid JSON: {e}.") from e
 
@@ -138,6 +143,28 @@ class MultipartUpload:
     def file(self) -> io.RawIOBase:
         """The file part's bytes as a readable stream; reading ends at the part's end."""
         return _PartStream(self._events)
+
+
+class HashingStream(io.RawIOBase):
+    """Passes a stream's bytes through, adding each to a digest on the way."""
+
+    def __init__(self, stream: io.RawIOBase, digest: Any):
+        self._stream = stream
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = self._stream.readinto(b)
+        if n:
+            self._digest.update(bytes(memoryview(b)[:n]))
+        return n
+
+    def drain(self) -> None:
+        """Read to the end (what a reader left unread still counts in the digest)."""
+        while self.read(1 << 20):
+            pass
 
 
 class _PartStream(io.RawIOBase):

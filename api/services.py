@@ -8,6 +8,7 @@ from celery import Celery
 from flask import current_app
 
 from shared.dispatch import make_celery
+from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
 from shared.registry import Registry
 from shared.settings import Settings
@@ -20,6 +21,7 @@ class Services:
     store: JobStore
     registry: Registry
     celery: Celery
+    idempotency: IdempotencyKeys
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -32,6 +34,7 @@ class Services:
                            stale_after=settings.CHUNK_TIME_LIMIT * 2),
             registry=Registry(settings.MODELS_DIR, settings.MODEL_RESCAN_SECONDS),
             celery=make_celery(settings),
+            idempotency=IdempotencyKeys(client, lease_seconds=settings.IDEMPOTENCY_LEASE_SECONDS, ttl=settings.RESULT_TTL),
         )
 
 

@@ -11,6 +11,11 @@ ACTIVE_JOBS = f"{PREFIX}:jobs:active"    # set of ids of jobs not yet terminal
 WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat (epoch seconds)
 
 
+def idempotency(key: str) -> str:
+    """String: the state of an Idempotency-Key (in progress, or done with its job id and request digest)."""
+    return f"{PREFIX}:idempotency:{key}"
+
+
 def job(job_id: str) -> str:
     """Hash: the job record (status, counts, options, timestamps)."""
     return f"{PREFIX}:job:{{{job_id}}}"

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL: float = Field(60, gt=0)
     HEARTBEAT_INTERVAL: float = Field(5, gt=0)
 
+    IDEMPOTENCY_LEASE_SECONDS: int = Field(60, ge=1, description="How long an unfinished request holds its key.")
     MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
     MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)
     SPOOL_DIR: str | None = None
