@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+import redis
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
@@ -46,6 +47,18 @@ def register_error_handlers(app: Flask) -> None:
         else:
             message = e.description or e.name
         return error_response(status, _HTTP_CODES.get(status, "http_error"), message)
+
+    @app.errorhandler(redis.OutOfMemoryError)
+    def _store_full(e: redis.OutOfMemoryError) -> Response:
+        log.error("Redis refused a write: out of memory")
+        return error_response(503, "store_full", "The job store is full; retry later.", headers={"Retry-After": "30"})
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def _store_down(e: redis.RedisError) -> Response:
+        log.error("Redis unavailable: %s", type(e).__name__)
+        return error_response(503, "not_ready", "The job store is not reachable; retry shortly.",
+                              headers={"Retry-After": "5"})
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> Response:

@@ -1,8 +1,6 @@
 """Liveness and readiness."""
 from __future__ import annotations
 
-import time
-
 import orjson
 import redis
 from flask import Blueprint, Response, request
@@ -11,8 +9,8 @@ from api import schemas
 from api.openapi import operation, query
 from api.parsing import parse_bool
 from api.services import services
-from shared import keys
 from shared.errors import PredqError
+from shared.workers import worker_states
 
 bp = Blueprint("health", __name__)
 
@@ -33,15 +31,16 @@ def healthz() -> Response:
            params=[query("workers", {"type": "boolean"}, "Also require a worker that proved it is consuming.")],
            responses={200: schemas.Readiness, 503: schemas.Readiness})
 def readyz() -> Response:
-    """Redis answers and the models are loaded; worker freshness is reported, and required with workers=true."""
+    """Redis answers and the models load; workers are reported (consuming when their canary ran lately), required with workers=true."""
     svc = services()
     need_workers = parse_bool("workers", request.args.get("workers"))
     checks: dict = {}
     ready = True
-    beats: dict = {}
+    states = []
     try:
         svc.redis.ping()
-        beats = svc.redis.hgetall(keys.WORKERS)
+        states = worker_states(svc.redis, stale_after=svc.settings.WORKER_STALE_SECONDS,
+                               heartbeat_interval=svc.settings.HEARTBEAT_INTERVAL)
         checks["redis"] = {"ok": True}
     except redis.RedisError as e:
         checks["redis"] = {"ok": False, "message": f"Redis does not answer: {type(e).__name__}"}
@@ -56,13 +55,9 @@ def readyz() -> Response:
     checks["models"] = {"ok": not unloadable, "deployed": len(names), "loaded": len(names) - len(unloadable)}
     if unloadable:
         checks["models"]["message"] = f"cannot load: {', '.join(unloadable)}"
-    ready &= checks["models"]["ok"]
-    now = time.time()
-    fresh_within = 3 * svc.settings.HEARTBEAT_INTERVAL
-    ages = {k.decode(): round(now - float(v), 1) for k, v in beats.items()}
-    fresh = {k: a for k, a in ages.items() if a <= fresh_within}
-    checks["workers"] = {"ok": bool(fresh), "fresh": len(fresh), "heartbeat_age_seconds": ages,
-                         "required": need_workers}
+    consuming = [w for w in states if w.status == "consuming"]
+    checks["workers"] = {"ok": bool(consuming), "consuming": len(consuming), "required": need_workers,
+                         "workers": [w.to_dict() for w in states]}
     if need_workers:
-        ready &= bool(fresh)
+        ready &= bool(consuming)
     return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)

@@ -111,6 +111,7 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
                               metadata=req.metadata or {}, source_format=source_format, window=s.JOB_QUEUE_WINDOW)
 
     def emit(index: int, table: pa.Table, row_errors: list) -> None:
+        svc.capacity.check()
         table = narrow_numeric_text(table, mv)
         blob = blobs.encode(table, s.CHUNK_COMPRESSION, row_errors)
         outcome, to_send = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
@@ -130,6 +131,7 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
         chunker.close()
         emitter.close()
         svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
+        svc.durability.wait()
     except BaseException:
         emitter.abandon()
         svc.store.discard(job_id)
@@ -242,6 +244,7 @@ def create_job() -> Response:
     else:
         raise UnsupportedMediaType(f"Content type {request.mimetype or 'none'} is not accepted; send application/json "
                                    "with 'rows', or multipart/form-data with a 'file' part.")
+    svc.capacity.check()
     claim = _idempotency_claim(svc)
     try:
         job, fingerprint, created = read(svc, claim)

@@ -7,7 +7,9 @@ import redis
 from celery import Celery
 from flask import current_app
 
+from shared.capacity import Capacity
 from shared.dispatch import make_celery
+from shared.durability import Durability
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
 from shared.registry import Registry
@@ -22,10 +24,12 @@ class Services:
     registry: Registry
     celery: Celery
     idempotency: IdempotencyKeys
+    capacity: Capacity
+    durability: Durability
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5,
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=2,
                                       health_check_interval=30)
         return cls(
             settings=settings,
@@ -35,6 +39,8 @@ class Services:
             registry=Registry(settings.MODELS_DIR, settings.MODEL_RESCAN_SECONDS),
             celery=make_celery(settings),
             idempotency=IdempotencyKeys(client, lease_seconds=settings.IDEMPOTENCY_LEASE_SECONDS, ttl=settings.RESULT_TTL),
+            capacity=Capacity(client, max_bytes=settings.STORE_MAX_BYTES, full_fraction=settings.STORE_FULL_FRACTION),
+            durability=Durability(client, settings.WAITAOF_TIMEOUT_MS),
         )
 
 

@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     sha = sub.add_parser("record-sha256", help="record a model file's sha256 in its model.json, so a changed file is refused")
     sha.add_argument("model_file", nargs="+")
 
+    sub.add_parser("workers", help="list the workers and whether each is consuming; exit 1 if none is, or one stalled")
+
     args = parser.parse_args(argv)
+    if args.command == "workers":
+        return workers_report()
     if args.command == "up":
         return stack.up(port=args.port, demo=not args.no_demo)
     if args.command == "demo-models":
@@ -38,6 +42,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: sha256 {record_sha256(path)['sha256']}")
         return 0
     return 2
+
+
+def workers_report() -> int:
+    """Print each worker's state; the exit status says whether the workers can be relied on."""
+    import redis
+
+    from shared.settings import get_settings
+    from shared.workers import worker_states
+
+    s = get_settings()
+    try:
+        states = worker_states(redis.Redis.from_url(s.REDIS_URL, socket_connect_timeout=2, socket_timeout=5),
+                               stale_after=s.WORKER_STALE_SECONDS, heartbeat_interval=s.HEARTBEAT_INTERVAL)
+    except redis.RedisError as e:
+        print(f"Redis at {s.REDIS_URL} does not answer: {e}", file=sys.stderr)
+        return 2
+    print(f"{'worker':40} {'status':10} {'heartbeat age':>14} {'canary age':>11}")
+    for w in states:
+        fmt = lambda a: "-" if a is None else f"{a:.1f} s"  # noqa: E731
+        print(f"{w.name:40} {w.status:10} {fmt(w.heartbeat_age):>14} {fmt(w.canary_age):>11}")
+    if not states:
+        print("no worker has ever reported")
+    consuming = any(w.status == "consuming" for w in states)
+    stalled = any(w.status == "stalled" for w in states)
+    return 0 if consuming and not stalled else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from shared.settings import Settings
 
 PROCESS_CHUNK = "predq.process_chunk"
 RECONCILE = "predq.reconcile"
+CANARY = "predq.canary"
 
 
 def make_celery(settings: Settings) -> Celery:

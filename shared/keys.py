@@ -8,7 +8,8 @@ PREFIX = "predq"
 
 JOBS = f"{PREFIX}:jobs"                  # sorted set, all scores 0, members are job ids (lexically time-ordered)
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"    # set of ids of jobs not yet terminal
-WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat (epoch seconds)
+WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat of its main process (epoch seconds)
+WORKER_CANARIES = f"{PREFIX}:workers:canary"  # hash: worker name -> when a canary task last ran on it
 
 
 def idempotency(key: str) -> str:

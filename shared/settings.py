@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     RECONCILE_INTERVAL: float = Field(60, gt=0)
     HEARTBEAT_INTERVAL: float = Field(5, gt=0)
 
+    STORE_MAX_BYTES: int = Field(0, ge=0, description="Redis memory budget when Redis has no maxmemory; 0: none.")
+    STORE_FULL_FRACTION: float = Field(0.9, gt=0, le=1, description="New jobs get 503 store_full past this.")
+    WAITAOF_TIMEOUT_MS: int = Field(1000, ge=0)
+    WORKER_STALE_SECONDS: float = Field(60, gt=0, description="A worker whose canary is older is not consuming.")
     IDEMPOTENCY_LEASE_SECONDS: int = Field(60, ge=1, description="How long an unfinished request holds its key.")
     MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
     MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)

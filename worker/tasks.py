@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from functools import lru_cache
@@ -13,14 +11,15 @@ from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 from threadpoolctl import threadpool_limits
 
-from shared import keys
 from shared.chunk import fail_chunk
 from shared.chunk import process_chunk as run_chunk
-from shared.dispatch import PROCESS_CHUNK, RECONCILE, send_chunk
-from shared.jobs import JobStore
+from shared.dispatch import CANARY, PROCESS_CHUNK, RECONCILE, send_chunk
+from shared.durability import Durability
+from shared.jobs import TERMINAL, JobStore
 from shared.reconcile import reconcile as run_reconcile
 from shared.registry import Registry
 from shared.settings import get_settings
+from shared.workers import forget, record_canary, record_heartbeat, worker_queue
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,11 @@ def _redis() -> redis.Redis:
 def _store() -> JobStore:
     s = get_settings()
     return JobStore(_redis(), result_ttl=s.RESULT_TTL, max_attempts=s.MAX_CHUNK_ATTEMPTS, stale_after=s.CHUNK_TIME_LIMIT * 2)
+
+
+@lru_cache(maxsize=1)
+def _durability() -> Durability:
+    return Durability(_redis(), get_settings().WAITAOF_TIMEOUT_MS)
 
 
 @lru_cache(maxsize=1)
@@ -53,23 +57,44 @@ def _one_thread_per_process(**_: object) -> None:
     threadpool_limits(1)
     _redis.cache_clear()
     _store.cache_clear()
+    _durability.cache_clear()
+
+
+@signals.celeryd_after_setup.connect
+def _consume_own_queue(sender: str, instance, **_: object) -> None:
+    instance.app.amqp.queues.select_add(worker_queue(sender))
 
 
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_: object) -> None:
-    name = getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}"
-    interval = get_settings().HEARTBEAT_INTERVAL
+    name = sender.hostname
+    s = get_settings()
 
     def beat() -> None:
-        client = redis.Redis.from_url(get_settings().REDIS_URL)
+        client = redis.Redis.from_url(s.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
         while True:
             try:
-                client.hset(keys.WORKERS, name, repr(time.time()))
-            except redis.RedisError as e:
-                log.warning("heartbeat not written: %s", e)
-            time.sleep(interval)
+                record_heartbeat(client, name)
+                app.send_task(CANARY, args=[name], queue=worker_queue(name), expires=s.WORKER_STALE_SECONDS)
+            except Exception as e:  # noqa: BLE001 - Redis or broker down: keep trying, the ages tell the story
+                log.warning("heartbeat or canary not sent: %s", e)
+            time.sleep(s.HEARTBEAT_INTERVAL)
 
     threading.Thread(target=beat, name="predq-heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _leave(sender=None, **_: object) -> None:
+    try:
+        forget(_redis(), sender.hostname)
+    except redis.RedisError:
+        pass
+
+
+@app.task(name=CANARY, ignore_result=True)
+def canary(name: str) -> None:
+    """Runs on the worker it was sent to: proof that the worker takes tasks from its queues."""
+    record_canary(_redis(), name)
 
 
 @app.task(name=PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
@@ -88,6 +113,8 @@ def process_chunk(job_id: str, index: int) -> None:
         log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
                              _send, s.CHUNK_COMPRESSION)
+    if outcome in TERMINAL:
+        _durability().wait()
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,
                                        "seconds": round(time.perf_counter() - started, 3)})
 

@@ -171,7 +171,7 @@ def test_listing_pages_through_jobs(client, worker):
         assert len(page["data"]) <= 2
         seen += [j["id"] for j in page["data"]]
         cursor = page["next_cursor"]
-        assert cursor
+        assert cursor or len(seen) >= 5
     assert seen[:5] == ids[::-1]
     for job_id in ids:
         wait_terminal(client, job_id)
