@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -38,7 +39,7 @@ from shared.errors import (
     UnsupportedMediaType,
 )
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
-from shared.ingest import BackgroundEmitter, Chunker, chunk_rows_for, narrow_numeric_text
+from shared.ingest import chunk_rows_for, first_batch, store_chunks
 from shared.jobs import Job, JobOptions, Status
 from shared.readers import Batch, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
@@ -99,41 +100,24 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     Any error before the input is complete removes the job and everything it wrote.
     """
     s = svc.settings
-    iterator = iter(batches)
-    first = next(iterator, None)
-    while first is not None and not first.table.num_rows and not first.errors:
-        first = next(iterator, None)
-    if first is None:
-        raise EmptyInput("The input has no rows.")
+    first, rest = first_batch(batches)
     options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
                          max_error_rate=req.max_error_rate)
     job_id = svc.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options,
                               metadata=req.metadata or {}, source_format=source_format, window=s.JOB_QUEUE_WINDOW)
 
-    def emit(index: int, table: pa.Table, row_errors: list) -> None:
+    def before_chunk() -> None:
         svc.capacity.check()
-        table = narrow_numeric_text(table, mv)
-        blob = blobs.encode(table, s.CHUNK_COMPRESSION, row_errors)
-        outcome, to_send = svc.store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
         if claim is not None:
             svc.idempotency.renew(claim)
-        for next_index in to_send:
-            send_chunk(svc.celery, job_id, next_index)
-        if outcome == "gone":
-            raise JobNotFound("The job was deleted while its input was being read.")
 
-    emitter = BackgroundEmitter(emit)
-    chunker = Chunker(chunk_rows, emitter)
     try:
-        chunker.add(first)
-        for batch in iterator:
-            chunker.add(batch)
-        chunker.close()
-        emitter.close()
+        chunker = store_chunks(svc.store, job_id, mv, first, rest, chunk_rows=chunk_rows,
+                               compression=s.CHUNK_COMPRESSION, send=partial(send_chunk, svc.celery),
+                               before_chunk=before_chunk)
         svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
         svc.durability.wait()
     except BaseException:
-        emitter.abandon()
         svc.store.discard(job_id)
         raise
     job = svc.store.get(job_id)

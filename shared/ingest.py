@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import blobs
+from shared.errors import EmptyInput, JobNotFound
+from shared.jobs import JobStore
 from shared.readers import Batch, RowError
 from shared.registry import ModelVersion
 
@@ -93,13 +95,6 @@ class Chunker:
         self.total_rows += head.num_rows + len(errors)
 
 
-def run_chunker(batches: Iterable[Batch], chunker: Chunker) -> Chunker:
-    for batch in batches:
-        chunker.add(batch)
-    chunker.close()
-    return chunker
-
-
 class BackgroundEmitter:
     """Runs `emit` for each chunk on one background thread, in order, while the caller reads the next rows.
 
@@ -141,3 +136,44 @@ class BackgroundEmitter:
         """Stop: chunks not started are dropped, the one running finishes; errors are not raised."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._futures = []
+
+
+def first_batch(batches: Iterable[Batch]) -> tuple[Batch, Iterator[Batch]]:
+    """The first batch that holds a row (or a row error), and the rest; EmptyInput when there is none."""
+    iterator = iter(batches)
+    for batch in iterator:
+        if batch.table.num_rows or batch.errors:
+            return batch, iterator
+    raise EmptyInput("The input has no rows.")
+
+
+def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch, rest: Iterator[Batch], *,
+                 chunk_rows: int, compression: str, send: Callable[[str, int], None],
+                 before_chunk: Callable[[], None] = lambda: None) -> Chunker:
+    """Store the input as chunks of a job, sending each chunk's message as the job's window allows.
+
+    Parsing goes on in the caller's thread while casting, compressing and storing run on another. Returns the
+    chunker, which knows the totals; the caller closes the input with JobStore.finish_ingest.
+    """
+    def emit(index: int, table: pa.Table, row_errors: list) -> None:
+        before_chunk()
+        table = narrow_numeric_text(table, mv)
+        blob = blobs.encode(table, compression, row_errors)
+        outcome, to_send = store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
+        for next_index in to_send:
+            send(job_id, next_index)
+        if outcome == "gone":
+            raise JobNotFound("The job was deleted while its input was being read.")
+
+    emitter = BackgroundEmitter(emit)
+    chunker = Chunker(chunk_rows, emitter)
+    try:
+        chunker.add(first)
+        for batch in rest:
+            chunker.add(batch)
+        chunker.close()
+        emitter.close()
+    except BaseException:
+        emitter.abandon()
+        raise
+    return chunker
