@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app; settings come from the environment, overridden by `config`."""
-    from api import errors, health, jobs, models, openapi
+    from api import errors, health, jobs, models, openapi, schedules
     from api.services import Services
 
     settings = load_settings(config)
@@ -28,7 +28,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["predq"] = svc
     loaded = svc.registry.load_all()
     log.info("models loaded", extra={"models": [f"{m.name}/{m.version}" for m in loaded]})
-    for bp in (health.bp, models.bp, jobs.bp, openapi.bp):
+    for bp in (health.bp, models.bp, jobs.bp, schedules.bp, openapi.bp):
         app.register_blueprint(bp)
     errors.register_error_handlers(app)
     return app

@@ -23,7 +23,7 @@ from api.parsing import (
 )
 from api.services import Services, services
 from shared import blobs, writers
-from shared.dispatch import send_chunk
+from shared.dispatch import send_chunk, send_output
 from shared.errors import (
     EmptyInput,
     InvalidParameter,
@@ -33,25 +33,20 @@ from shared.errors import (
     JobNotFinished,
     JobNotFound,
     JobRunning,
-    MissingColumns,
     ModelNotFound,
-    PredqError,
     UnsupportedMediaType,
 )
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
-from shared.ingest import chunk_rows_for, first_batch, store_chunks
-from shared.jobs import Job, JobOptions, Status
+from shared.ingest import check_columns, chunk_rows_for, first_batch, store_chunks
+from shared.jobs import TERMINAL, Job, JobOptions, Status
 from shared.readers import Batch, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
+from shared.runs import create_source_job
 
 log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)
 
 _RESERVED_ID_COLUMNS = ("row", "prediction", "code", "message")
-
-
-class SourceNotAllowed(PredqError):
-    status, code = 403, "source_not_allowed"
 
 
 def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -65,27 +60,11 @@ def _resolve_model(req: schemas.JobRequest) -> ModelVersion:
         raise JobModelNotFound(e.message) from e
 
 
-def _check_columns(mv: ModelVersion, columns: list[str], id_column: str | None) -> None:
-    """A header or schema must carry every feature, and the id column when one is named."""
-    present = set(columns)
-    missing = [f.name for f in mv.features if f.name not in present]
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise MissingColumns(f"The input lacks {len(missing)} of the model's features: {shown}.",
-                             details={"missing": missing})
-    if id_column and id_column not in present:
-        raise InvalidParameterValue(f"id_column {id_column!r} is not a column of the input.",
-                                    details={"fields": [{"name": "id_column", "code": "invalid_parameter",
-                                                         "message": "not a column of the input"}]})
-
-
 def _check_options(req: schemas.JobRequest) -> None:
     if req.id_column in _RESERVED_ID_COLUMNS:
         raise InvalidParameterValue(
             f"id_column may not be named {req.id_column!r}: results already have a column of that name.",
             details={"fields": [{"name": "id_column", "code": "invalid_parameter", "message": "reserved name"}]})
-    if req.source is not None:
-        raise SourceNotAllowed("Reading a source URI is not enabled on this service: no allowed roots are configured.")
 
 
 def _chunk_rows(svc: Services, req: schemas.JobRequest, n_columns: int) -> int:
@@ -137,6 +116,12 @@ def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
         data = merged
     req = validated(schemas.JobRequest, data)
     _check_options(req)
+    if req.source is not None and req.rows is not None:
+        raise InvalidParameter("Send either 'rows' or 'source', not both.",
+                               details={"fields": [{"name": "source", "code": "invalid_parameter",
+                                                    "message": "not with rows"}]})
+    if req.source is not None:
+        return _from_source(svc, req), fingerprint.hexdigest(), True
     mv = _resolve_model(req)
     if req.rows is None:
         raise InvalidParameter("The body needs 'rows' (an array of objects) or 'source'.",
@@ -146,10 +131,21 @@ def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
     seen = {k for r in req.rows[:1000] if isinstance(r, dict) for k in r}
     if req.id_column and req.id_column not in seen:
-        _check_columns(mv, [f.name for f in mv.features], req.id_column)
+        check_columns(mv, [f.name for f in mv.features], req.id_column)
     size = _chunk_rows(svc, req, len(wanted))
     job = _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size, claim)
     return job, fingerprint.hexdigest(), True
+
+
+def _from_source(svc: Services, req: schemas.JobRequest) -> Job:
+    """A job whose input a worker reads from an allowed URI; problems there end the job failed."""
+    options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
+                         max_error_rate=req.max_error_rate)
+    try:
+        return create_source_job(svc.run_context(), model=req.model, version=req.version, source=req.source,
+                                 options=options, metadata=req.metadata or {})
+    except ModelNotFound as e:
+        raise JobModelNotFound(e.message) from e
 
 
 def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
@@ -174,7 +170,7 @@ def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived.
     reader = open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR)
     with reader:
-        _check_columns(mv, reader.columns, req.id_column)
+        check_columns(mv, reader.columns, req.id_column)
         job = _ingest(svc, mv, req, fmt, reader, size, claim)
     stream.drain()
     return job, fingerprint.hexdigest(), True
@@ -335,7 +331,12 @@ def errors(job_id: str) -> Response:
            responses={202: schemas.Job, 404: None, 409: None})
 def cancel(job_id: str) -> Response:
     """Chunks not yet started are skipped; finished ones stay downloadable."""
-    outcome = services().store.stop(job_id, "cancel")
+    svc = services()
+    outcome = svc.store.stop(job_id, "cancel")
+    if outcome in TERMINAL:
+        svc.durability.wait()
+        if (job := svc.store.get(job_id)) is not None and job.run is not None:
+            send_output(svc.celery, job_id)
     if outcome == "gone":
         raise JobNotFound(f"No job {job_id!r}; it never existed or its results have expired.")
     if outcome == "finished":

@@ -120,7 +120,7 @@ class Job(BaseModel):
     rows_per_second: float | None
     eta_seconds: float | None
     metadata: dict[str, str]
-    schedule: dict[str, str] | None
+    schedule: dict[str, str] | None = Field(description="For a schedule's run: name, slot and date.")
     error: JobError | None
     links: Links
 
@@ -128,6 +128,28 @@ class Job(BaseModel):
 class JobList(BaseModel):
     data: list[Job]
     next_cursor: str | None
+
+
+class ScheduleRun(BaseModel):
+    slot: str
+    date: str
+    job_id: str
+    status: str
+
+
+class ScheduleOut(BaseModel):
+    name: str
+    cron: str
+    timezone: str
+    model: str
+    source: str
+    output: str
+    next_run_at: str
+    last_run: ScheduleRun | None
+
+
+class ScheduleList(BaseModel):
+    data: list[ScheduleOut]
 
 
 class Health(BaseModel):

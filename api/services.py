@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import redis
 from celery import Celery
 from flask import current_app
 
 from shared.capacity import Capacity
-from shared.dispatch import make_celery
+from shared.dispatch import make_celery, send_read
 from shared.durability import Durability
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
 from shared.registry import Registry
+from shared.runs import RunContext
+from shared.schedules import Schedule, load_schedules
 from shared.settings import Settings
 
 
@@ -26,6 +29,12 @@ class Services:
     idempotency: IdempotencyKeys
     capacity: Capacity
     durability: Durability
+    schedules: dict[str, Schedule]
+
+    def run_context(self) -> RunContext:
+        return RunContext(store=self.store, registry=self.registry, source_roots=self.settings.source_roots,
+                          window=self.settings.JOB_QUEUE_WINDOW, send_read=partial(send_read, self.celery),
+                          result_ttl=self.settings.RESULT_TTL)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -41,6 +50,7 @@ class Services:
             idempotency=IdempotencyKeys(client, lease_seconds=settings.IDEMPOTENCY_LEASE_SECONDS, ttl=settings.RESULT_TTL),
             capacity=Capacity(client, max_bytes=settings.STORE_MAX_BYTES, full_fraction=settings.STORE_FULL_FRACTION),
             durability=Durability(client, settings.WAITAOF_TIMEOUT_MS),
+            schedules=load_schedules(settings.SCHEDULES_FILE),
         )
 
 

@@ -23,7 +23,15 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("workers", help="list the workers and whether each is consuming; exit 1 if none is, or one stalled")
 
+    sub.add_parser("schedules", help="list the schedules with their next and last runs ($PREDQ_URL)")
+    run = sub.add_parser("run-schedule", help="run a schedule for a logical date now ($PREDQ_URL)")
+    run.add_argument("name")
+    run.add_argument("--date", help="YYYY-MM-DD (default: the latest slot's date)")
+    run.add_argument("--rerun", action="store_true", help="start a new run even if the date already ran")
+
     args = parser.parse_args(argv)
+    if args.command in ("schedules", "run-schedule"):
+        return _api_command(args)
     if args.command == "workers":
         return workers_report()
     if args.command == "up":
@@ -42,6 +50,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: sha256 {record_sha256(path)['sha256']}")
         return 0
     return 2
+
+
+def _api_command(args: argparse.Namespace) -> int:
+    from cli.client import ApiError, Client
+
+    client = Client()
+    try:
+        if args.command == "schedules":
+            rows = client.schedules()
+            print(f"{'schedule':24} {'cron':16} {'next run':25} last run")
+            for s in rows:
+                last = s["last_run"]
+                shown = f"{last['date']} {last['status']} {last['job_id']}" if last else "-"
+                print(f"{s['name']:24} {s['cron']:16} {s['next_run_at']:25} {shown}")
+            return 0
+        job, created = client.run_schedule(args.name, args.date, args.rerun)
+        print(f"{'started' if created else 'already ran'}: {job['id']} ({job['status']}) for "
+              f"{job['schedule']['date']}")
+        return 0
+    except ApiError as e:
+        print(f"predq: {e.message}", file=sys.stderr)
+        return 1
 
 
 def workers_report() -> int:

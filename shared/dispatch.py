@@ -8,6 +8,9 @@ from shared.settings import Settings
 PROCESS_CHUNK = "predq.process_chunk"
 RECONCILE = "predq.reconcile"
 CANARY = "predq.canary"
+READ_SOURCE = "predq.read_source"
+TICK_SCHEDULES = "predq.tick_schedules"
+WRITE_OUTPUT = "predq.write_output"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -35,11 +38,27 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
+        beat_scheduler="redbeat.RedBeatScheduler",
+        redbeat_redis_url=settings.REDIS_URL,
+        redbeat_key_prefix="predq:beat:",
+        redbeat_lock_timeout=int(settings.BEAT_LOCK_TIMEOUT),
+        beat_max_loop_interval=max(1, min(5, int(settings.BEAT_LOCK_TIMEOUT // 3))),
         beat_schedule={
             "reconcile": {"task": RECONCILE, "schedule": settings.RECONCILE_INTERVAL},
+            "schedules": {"task": TICK_SCHEDULES, "schedule": settings.SCHEDULE_TICK_SECONDS},
         },
     )
     return app
+
+
+def send_read(app: Celery, job_id: str) -> None:
+    """Send a source job to a worker, which reads its input into chunks."""
+    app.send_task(READ_SOURCE, args=[job_id])
+
+
+def send_output(app: Celery, job_id: str) -> None:
+    """Have a worker write a finished run's files."""
+    app.send_task(WRITE_OUTPUT, args=[job_id])
 
 
 def send_chunk(app: Celery, job_id: str, index: int) -> None:

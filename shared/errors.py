@@ -101,5 +101,9 @@ class InvalidFile(PredqError):
     status, code = 422, "invalid_file"
 
 
+class InternalError(PredqError):
+    status, code = 500, "internal_error"
+
+
 class NotReady(PredqError):
     status, code = 503, "not_ready"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -10,10 +11,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import blobs
-from shared.errors import EmptyInput, JobNotFound
+from shared.errors import (
+    EmptyInput,
+    InternalError,
+    InvalidParameterValue,
+    JobNotFound,
+    MissingColumns,
+    ModelNotFound,
+    PredqError,
+)
 from shared.jobs import JobStore
-from shared.readers import Batch, RowError
-from shared.registry import ModelVersion
+from shared.readers import Batch, RowError, detect_format, open_reader
+from shared.registry import ModelVersion, Registry
+from shared.sources import check_allowed, open_source
 
 
 def chunk_rows_for(n_columns: int, requested: int | None, fixed: int, target_cells: int, max_rows: int) -> int:
@@ -177,3 +187,56 @@ def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch, r
         emitter.abandon()
         raise
     return chunker
+
+
+def check_columns(mv: ModelVersion, columns: list[str], id_column: str | None) -> None:
+    """A header or schema must carry every feature, and the id column when one is named."""
+    present = set(columns)
+    missing = [f.name for f in mv.features if f.name not in present]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise MissingColumns(f"The input lacks {len(missing)} of the model's features: {shown}.",
+                             details={"missing": missing})
+    if id_column and id_column not in present:
+        raise InvalidParameterValue(f"id_column {id_column!r} is not a column of the input.",
+                                    details={"fields": [{"name": "id_column", "code": "invalid_parameter",
+                                                         "message": "not a column of the input"}]})
+
+
+def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Callable[[str, int], None],
+                chunk_rows: Callable[[int, int | None], int], compression: str, roots: list[str],
+                stale_after: float, spool_dir: str | None = None) -> str:
+    """Read a source job's input into chunks (in a worker); a problem ends the job `failed` with its code.
+
+    The message may be delivered twice: a second reader leaves a read that is progressing alone, and fails the
+    job when the first reader has gone silent (its chunks so far cannot be told from a fresh start).
+    """
+    job = store.get(job_id)
+    if job is None or job.source is None:
+        return "gone"
+    try:
+        if not store.begin_source_read(job_id):
+            read_at = store.last_read_at(job_id)
+            if read_at is None or time.time() - read_at < stale_after:
+                return "duplicate"
+            raise InternalError("Reading the source was interrupted (its worker stopped); start the job again.")
+        check_allowed(job.source, roots)
+        mv = registry.get(job.model, job.version)
+        if mv.sha256 != job.sha256:
+            raise ModelNotFound(f"Model {job.model!r} version {job.version!r} changed after the job was created.")
+        fmt = detect_format(job.source.split("?")[0], None)
+        wanted = [f.name for f in mv.features] + ([job.options.id_column] if job.options.id_column else [])
+        size = chunk_rows(len(wanted), job.options.chunk_size)
+        with open_source(job.source) as stream, open_reader(fmt, stream, wanted=wanted, batch_rows=size,
+                                                            spool_dir=spool_dir) as reader:
+            check_columns(mv, reader.columns, job.options.id_column)
+            first, rest = first_batch(reader)
+            chunker = store_chunks(store, job_id, mv, first, rest, chunk_rows=size, compression=compression,
+                                   send=send)
+        return store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
+    except PredqError as e:
+        store.stop(job_id, "fail", e.code, e.message)
+        current = store.get(job_id)
+        if current is None:
+            return "gone"
+        return store.finish_ingest(job_id, current.rows_read, current.chunks_seen)

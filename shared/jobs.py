@@ -96,6 +96,8 @@ class Job:
     error_code: str | None
     error_message: str | None
     stop: str | None
+    source: str | None = None       # a URI the workers read the input from
+    run: dict | None = None         # a schedule's run: schedule, slot, date, output, output_format
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> Job:
@@ -116,6 +118,7 @@ class Job:
             ),
             metadata=json.loads(g.get("metadata") or "{}"),
             error_code=opt("error_code"), error_message=opt("error_message"), stop=opt("stop"),
+            source=opt("source"), run=json.loads(g["run"]) if g.get("run") else None,
         )
 
     @property
@@ -153,7 +156,7 @@ class Job:
             "rows_per_second": rps,
             "eta_seconds": eta,
             "metadata": self.metadata,
-            "schedule": None,
+            "schedule": ({k: self.run[k] for k in ("name", "slot", "date")} if self.run else None),
             "error": error,
             "links": {"self": base, "results": f"{base}/results", "errors": f"{base}/errors"},
         }
@@ -183,7 +186,7 @@ class JobStore:
 
     # -- creation, while the input is read ----------------------------------------------------------
     def create(self, *, model: str, version: str, sha256: str, options: JobOptions, metadata: dict,
-               source_format: str, window: int = 16) -> str:
+               source_format: str, window: int = 16, source: str | None = None, run: dict | None = None) -> str:
         """A new job in `queued` state that is still reading its input; at most `window` chunks in the broker."""
         now = time.time()
         job_id = new_job_id(now)
@@ -201,6 +204,10 @@ class JobStore:
             fields["chunk_size"] = options.chunk_size
         if options.max_error_rate is not None:
             fields["max_error_rate"] = repr(options.max_error_rate)
+        if source:
+            fields["source"] = source
+        if run:
+            fields["run"] = json.dumps(run)
         with self.r.pipeline(transaction=True) as p:
             p.hset(keys.job(job_id), mapping=fields)
             p.zadd(keys.JOBS, {job_id: 0})
@@ -331,6 +338,18 @@ class JobStore:
             if now - last > stale_after:
                 stale.append(int(raw))
         return sorted(stale)
+
+    def input_blob(self, job_id: str, index: int) -> bytes | None:
+        return self.r.hget(keys.inputs(job_id), index)
+
+    def begin_source_read(self, job_id: str) -> bool:
+        """Mark a source job's input as being read; False when a reader already began (a redelivered task)."""
+        now = repr(time.time())
+        with self.r.pipeline(transaction=True) as p:
+            p.hsetnx(keys.job(job_id), "read_started", now)
+            p.hsetnx(keys.job(job_id), "read_at", now)
+            first, _ = p.execute()
+        return bool(first)
 
     def mark_sent(self, job_id: str, index: int) -> None:
         self.r.hset(keys.sent(job_id), index, repr(time.time()))

@@ -65,3 +65,23 @@ def sent(job_id: str) -> str:
 def all_job_keys(job_id: str) -> list[str]:
     return [job(job_id), chunks(job_id), inputs(job_id), results(job_id), errors(job_id),
             done(job_id), running(job_id), attempts(job_id), sent(job_id)]
+
+
+def schedule_slot(name: str, slot_iso: str) -> str:
+    """String: the job id of a schedule's slot once claimed (or a pending lease, or why it was skipped)."""
+    return f"{PREFIX}:schedule:{name}:slot:{slot_iso}"
+
+
+def schedule_runs(name: str) -> str:
+    """Sorted set: a schedule's run job ids, scored by slot time."""
+    return f"{PREFIX}:schedule:{name}:runs"
+
+
+def schedule_mark(name: str) -> str:
+    """String: the latest slot handled (ISO, UTC); slots after it are due."""
+    return f"{PREFIX}:schedule:{name}:mark"
+
+
+def schedule_skipped(name: str) -> str:
+    """List: the latest slots skipped because the previous run still ran, newest first."""
+    return f"{PREFIX}:schedule:{name}:skipped"

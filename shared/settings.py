@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     WAITAOF_TIMEOUT_MS: int = Field(1000, ge=0)
     WORKER_STALE_SECONDS: float = Field(60, gt=0, description="A worker whose canary is older is not consuming.")
     IDEMPOTENCY_LEASE_SECONDS: int = Field(60, ge=1, description="How long an unfinished request holds its key.")
+    SCHEDULES_FILE: str | None = Field(None, description="TOML or YAML file of schedules.")
+    SOURCE_ROOTS: str = Field("", description="Comma-separated roots that `source` URIs must lie under.")
+    SOURCE_READ_TIME_LIMIT: float = Field(3600, gt=0, description="Seconds a worker may take to read one source.")
+    SCHEDULE_TICK_SECONDS: float = Field(10, gt=0, description="How often beat looks for due schedule runs.")
+    BEAT_LOCK_TIMEOUT: float = Field(90, gt=0, description="Seconds before a second beat takes over a silent one.")
     MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
     MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)
     SPOOL_DIR: str | None = None
@@ -61,6 +66,10 @@ class Settings(BaseSettings):
             found.append(f"VISIBILITY_TIMEOUT ({self.VISIBILITY_TIMEOUT:g} s) is less than 3 x CHUNK_TIME_LIMIT "
                          f"({self.CHUNK_TIME_LIMIT:g} s): slow chunks will be delivered and run more than once")
         return found
+
+    @property
+    def source_roots(self) -> list[str]:
+        return [r.strip() for r in self.SOURCE_ROOTS.split(",") if r.strip()]
 
     @property
     def broker_url(self) -> str:

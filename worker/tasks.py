@@ -13,11 +13,26 @@ from threadpoolctl import threadpool_limits
 
 from shared.chunk import fail_chunk
 from shared.chunk import process_chunk as run_chunk
-from shared.dispatch import CANARY, PROCESS_CHUNK, RECONCILE, send_chunk
+from shared.dispatch import (
+    CANARY,
+    PROCESS_CHUNK,
+    READ_SOURCE,
+    RECONCILE,
+    TICK_SCHEDULES,
+    WRITE_OUTPUT,
+    send_chunk,
+    send_output,
+    send_read,
+)
 from shared.durability import Durability
+from shared.ingest import chunk_rows_for
+from shared.ingest import read_source as run_read_source
 from shared.jobs import TERMINAL, JobStore
+from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
 from shared.registry import Registry
+from shared.runs import RunContext, tick
+from shared.schedules import Schedule, load_schedules
 from shared.settings import get_settings
 from shared.workers import forget, record_canary, record_heartbeat, worker_queue
 from worker.app import app
@@ -49,6 +64,25 @@ def _registry() -> Registry:
 
 def _send(job_id: str, index: int) -> None:
     send_chunk(app, job_id, index)
+
+
+def _finished(job_id: str) -> None:
+    """A job just became terminal here: make that durable, and have a run's files written."""
+    _durability().wait()
+    job = _store().get(job_id)
+    if job is not None and job.run is not None:
+        send_output(app, job_id)
+
+
+@lru_cache(maxsize=1)
+def _schedules() -> dict[str, Schedule]:
+    return load_schedules(get_settings().SCHEDULES_FILE)
+
+
+def _run_context() -> RunContext:
+    s = get_settings()
+    return RunContext(store=_store(), registry=_registry(), source_roots=s.source_roots, window=s.JOB_QUEUE_WINDOW,
+                      send_read=lambda job_id: send_read(app, job_id), result_ttl=s.RESULT_TTL)
 
 
 @signals.worker_process_init.connect
@@ -114,7 +148,7 @@ def process_chunk(job_id: str, index: int) -> None:
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
                              _send, s.CHUNK_COMPRESSION)
     if outcome in TERMINAL:
-        _durability().wait()
+        _finished(job_id)
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,
                                        "seconds": round(time.perf_counter() - started, 3)})
 
@@ -124,3 +158,38 @@ def reconcile() -> None:
     """Re-send chunks whose messages were lost, and fail jobs whose input stopped arriving."""
     s = get_settings()
     run_reconcile(_store(), _send, stale_after=s.STALE_CHUNK_SECONDS)
+
+
+@app.task(name=READ_SOURCE, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          soft_time_limit=get_settings().SOURCE_READ_TIME_LIMIT, time_limit=get_settings().SOURCE_READ_TIME_LIMIT + 30)
+def read_source(job_id: str) -> None:
+    """Read a source job's input into chunks; problems with the source end the job failed."""
+    s = get_settings()
+    outcome = run_read_source(
+        _store(), _registry(), job_id, send=_send, compression=s.CHUNK_COMPRESSION, roots=s.source_roots,
+        stale_after=s.STALE_CHUNK_SECONDS, spool_dir=s.SPOOL_DIR,
+        chunk_rows=lambda n_columns, requested: chunk_rows_for(n_columns, requested, s.CHUNK_SIZE,
+                                                               s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS))
+    if outcome in TERMINAL:
+        _finished(job_id)
+    log.info("source read", extra={"job_id": job_id, "outcome": outcome})
+
+
+@app.task(name=TICK_SCHEDULES, ignore_result=True)
+def tick_schedules() -> None:
+    """Start the schedule runs that are due (each slot runs once, however many beats send this)."""
+    started = tick(_run_context(), _schedules())
+    if started:
+        log.info("schedule runs started", extra={"jobs": started})
+
+
+@app.task(name=WRITE_OUTPUT, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          autoretry_for=(OSError,), retry_backoff=5, max_retries=5)
+def write_output(job_id: str) -> None:
+    """Write a finished run's results, errors and manifest to its output location."""
+    job = _store().get(job_id)
+    if job is None or job.run is None or not job.status.terminal:
+        return
+    manifest = write_run_output(_store(), job)
+    log.info("run output written", extra={"job_id": job_id, "output": job.run["output"],
+                                          "files": list(manifest["files"])})
