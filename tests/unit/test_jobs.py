@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from shared import blobs, keys
-from shared.chunk import process_chunk
+from shared.chunk import fail_chunk, process_chunk
 from shared.jobs import JobOptions, JobStore, Status, new_job_id
 from shared.reconcile import reconcile
 from shared.registry import Registry
@@ -159,6 +159,16 @@ def test_a_changed_model_file_fails_the_job(store, registry):
     job = store.get(job_id)
     assert job.error_code == "model_not_found" and "sha256" in job.error_message
     assert (job.succeeded, job.skipped) == (0, 10)
+
+
+def test_an_unexpected_error_fails_the_chunk_rows(store, registry):
+    """A chunk whose processing hits a bug ends as chunk_failed rows instead of leaving the job running."""
+    job_id = _new(store)
+    _fill(store, job_id, [4, 4])
+    assert fail_chunk(store, job_id, 0, "an internal error stopped this chunk (KeyError)", lambda j, i: None) == "open"
+    errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
+    assert errors.column("code").to_pylist() == ["chunk_failed"] * 4
+    assert run(store, registry, job_id, 1) == "partially_succeeded"
 
 
 def test_commit_to_a_deleted_job_is_dropped(store, registry):
