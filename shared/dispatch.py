@@ -38,7 +38,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
-        beat_scheduler="redbeat.RedBeatScheduler",
+        beat_scheduler="worker.scheduler:Scheduler",
         redbeat_redis_url=settings.REDIS_URL,
         redbeat_key_prefix="predq:beat:",
         redbeat_lock_timeout=int(settings.BEAT_LOCK_TIMEOUT),
