@@ -71,11 +71,16 @@ def start_run(ctx: RunContext, schedule: Schedule, slot: dt.datetime, *, trigger
     lease = _PENDING + os.urandom(8).hex()
     if not r.set(key, lease, nx=True, ex=60):
         existing = _wait_for_claim(r, key)
-        if existing and not existing.startswith("skipped") and not rerun:
+        skipped = existing is not None and existing.startswith("skipped")
+        if existing and not skipped and not rerun:
             return ctx.store.get(existing), False
-        if not rerun:
+        if existing is None:  # the other claim was given up (overlap wait, or a failure): try once more
+            if not r.set(key, lease, nx=True, ex=60):
+                return None, False
+        elif skipped and trigger == "schedule" and not rerun:
             return None, False
-        r.set(key, lease, ex=60)
+        else:  # a rerun, or a manual run of a slot the schedule skipped: take the slot over for the new run
+            r.set(key, lease, ex=60)
     try:
         if trigger == "schedule" and not rerun:
             previous = _previous_running(ctx, schedule)

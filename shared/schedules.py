@@ -87,9 +87,17 @@ class Schedule(BaseModel):
         # exist (spring) maps past the gap and fires once. Daylight saving thus neither skips nor doubles a run.
         return local.replace(tzinfo=self.tz, fold=0).astimezone(UTC)
 
+    def _start(self, after: dt.datetime) -> dt.datetime:
+        """The local wall time to iterate from: an hour earlier right after a clock jump, when the slot that the
+        jump moved forward (02:30 that became 03:30) lies at a wall time before `after`'s."""
+        earlier = after - dt.timedelta(hours=1)
+        if earlier.astimezone(self.tz).utcoffset() != after.astimezone(self.tz).utcoffset():
+            after = earlier
+        return after.astimezone(self.tz).replace(tzinfo=None)
+
     def slots_between(self, after: dt.datetime, until: dt.datetime) -> list[dt.datetime]:
         """Slots s with after < s <= until, in order (UTC)."""
-        it = self._iter(after.astimezone(self.tz).replace(tzinfo=None))
+        it = self._iter(self._start(after))
         out = []
         while True:
             slot = self._to_utc(it.get_next(dt.datetime))
@@ -99,7 +107,7 @@ class Schedule(BaseModel):
                 out.append(slot)
 
     def next_slot(self, now: dt.datetime) -> dt.datetime:
-        it = self._iter(now.astimezone(self.tz).replace(tzinfo=None))
+        it = self._iter(self._start(now))
         while True:
             slot = self._to_utc(it.get_next(dt.datetime))
             if slot > now:
@@ -149,7 +157,7 @@ def parse_schedules(data: Any, origin: str = "schedules file") -> dict[str, Sche
             err = e.errors(include_url=False)[0]
             raise ScheduleFileError(f"{origin}: {label}: field '{_field_path(err['loc'])}': {err['msg']}") from e
         if schedule.name in found:
-            raise ScheduleFileError(f"{origin}: {label}: the name is used by another schedule")
+            raise ScheduleFileError(f"{origin}: {label}: field 'name': another schedule has this name")
         found[schedule.name] = schedule
     return found
 
