@@ -6,7 +6,6 @@ where the reconciler is needed) and builds the API in-process against them, with
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,7 +39,7 @@ FAST = {
     "MODEL_RESCAN_SECONDS": "2",
 }
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 
 # --------------------------------------------------------------------------
@@ -116,14 +115,15 @@ class Rig:
         return create_app(self.settings()).test_client()
 
     def close(self) -> None:
+        """SIGKILL every process group: the test is over, and a graceful stop would wait for running chunks."""
         errors = []
         for proc in reversed(self.procs):
             try:
-                proc.stop()
-            except Exception as exc:  # keep stopping the others
+                proc.kill(signal.SIGKILL)
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 errors.append(exc)
         self.r.close()
-        self.redis.stop()
+        self.redis.kill(signal.SIGKILL)
         if errors:
             raise errors[0]
 
@@ -180,7 +180,7 @@ def record_attempts(r, job_id: str, seen: dict[int, int]) -> None:
         seen[int(k)] = max(seen.get(int(k), 0), int(v))
 
 
-def wait_terminal(client, job_id: str, *, timeout: float = 50, r=None, attempts: dict | None = None) -> dict:
+def wait_terminal(client, job_id: str, *, timeout: float = 90, r=None, attempts: dict | None = None) -> dict:
     def done():
         if attempts is not None:
             record_attempts(r, job_id, attempts)
@@ -198,6 +198,8 @@ def jsonl(response) -> list[dict]:
 def assert_predictions(results: list[dict], frame: pd.DataFrame, model) -> None:
     rows = [r["row"] for r in results]
     assert [r["id"] for r in results] == frame.loc[rows, "id"].tolist()
+    if not rows:
+        return
     expected = model.estimator.predict(frame.loc[rows, FEATURES])
     np.testing.assert_allclose([r["prediction"] for r in results], expected, rtol=1e-12, atol=1e-12)
 
@@ -259,8 +261,8 @@ def test_pool_child_killed_mid_chunk(rig, slow_reg):
     client = rig.client()
     frame = make_frame(1600)
     job_id = submit(client, "slow_reg", frame, chunk_size=100)  # 16 chunks
-    wait_for(lambda: len(fresh_claims(rig.r, job_id, 0.75)) == 2, timeout=30,
-             what="both pool children to be early in a chunk")
+    wait_for(lambda: len(fresh_claims(rig.r, job_id, 1.2)) == 2, timeout=30,
+             what="both pool children to be mid-chunk")
     worker.kill_child()
     attempts: dict[int, int] = {}
     job = wait_terminal(client, job_id, r=rig.r, attempts=attempts)
@@ -277,11 +279,10 @@ def test_worker_group_killed_then_new_worker(rig, slow_reg):
     client = rig.client()
     frame = make_frame(1400)
     job_id = submit(client, "slow_reg", frame, chunk_size=100)  # 14 chunks
-    wait_for(lambda: rig.r.scard(keys.done(job_id)) >= 2 and len(fresh_claims(rig.r, job_id, 0.75)) == 2,
+    wait_for(lambda: rig.r.scard(keys.done(job_id)) >= 2 and len(fresh_claims(rig.r, job_id, 1.2)) == 2,
              timeout=30, what="two chunks committed and two more just claimed")
     first.kill(signal.SIGKILL)
-    in_flight = set(int(k) for k in rig.r.hkeys(keys.running(job_id))) - set(
-        int(k) for k in rig.r.smembers(keys.done(job_id)))
+    in_flight = {int(k) for k in rig.r.hkeys(keys.running(job_id))} - {int(k) for k in rig.r.smembers(keys.done(job_id))}
     assert len(in_flight) == 2
     attempts: dict[int, int] = {}
     record_attempts(rig.r, job_id, attempts)
@@ -351,7 +352,7 @@ def test_visibility_timeout_redelivers_running_chunk(rig, slow_reg):
 
 def test_poison_chunk_fails_its_rows_after_max_attempts(rig, poison_reg):
     """A chunk that kills its worker every time: its rows fail as chunk_failed, the others succeed."""
-    worker = rig.worker(concurrency=1)
+    worker = rig.worker(concurrency=2)
     client = rig.client()
     frame = make_frame(200)
     frame.loc[125, "f2"] = POISON  # chunk 2 of 4
@@ -397,27 +398,27 @@ def test_lost_messages_are_resent_by_the_reconciler(rig, slow_reg):
 def test_api_killed_mid_upload_fails_the_job(rig, slow_reg):
     """The API dies while a file is uploading: the job fails with internal_error and accounts for every row read."""
     api = rig.api_server()
-    rig.worker(concurrency=1)
-    frame = make_frame(20_000)
+    worker = rig.worker(concurrency=1)
+    frame = make_frame(100_000)
     body = frame.to_csv(index=False, float_format="%.17g").encode()
-    first_part = body.index(b"\n", len(body) // 5) + 1
+    first_part = body.index(b"\n", 6 << 20) + 1  # enough for the reader to parse its first blocks of CSV
     boundary = "predq-fault-boundary"
     killed = []
 
     def stream():
         yield (f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nslow_reg\r\n'
-               f'--{boundary}\r\nContent-Disposition: form-data; name="chunk_size"\r\n\r\n1000\r\n'
+               f'--{boundary}\r\nContent-Disposition: form-data; name="chunk_size"\r\n\r\n5000\r\n'
                f'--{boundary}\r\nContent-Disposition: form-data; name="id_column"\r\n\r\nid\r\n'
                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="rows.csv"\r\n'
                "Content-Type: text/csv\r\n\r\n").encode()
         for start in range(0, first_part, 64 * 1024):
             yield body[start:min(start + 64 * 1024, first_part)]
 
-        def stored():
+        def committed():
             ids = rig.r.zrange(keys.JOBS, 0, -1)
-            return len(ids) == 1 and rig.r.hlen(keys.chunks(ids[0].decode())) >= 1
+            return len(ids) == 1 and rig.r.scard(keys.done(ids[0].decode())) >= 1
 
-        wait_for(stored, timeout=30, what="the first chunk of the upload to be stored")
+        wait_for(committed, timeout=30, what="the first chunk of the upload to be stored and committed")
         api.kill(signal.SIGKILL)
         killed.append(True)
         for start in range(first_part, len(body), 64 * 1024):
@@ -436,10 +437,12 @@ def test_api_killed_mid_upload_fails_the_job(rig, slow_reg):
     assert job["error"]["code"] == "internal_error", job
     counts = job["counts"]
     rows_read = int(rig.r.hget(keys.job(job_id), "rows_read"))
-    assert 1000 <= rows_read < len(frame) and rows_read % 1000 == 0
+    assert 5000 <= rows_read < len(frame) and rows_read % 5000 == 0
     assert counts["total"] == rows_read
     assert counts["succeeded"] + counts["failed"] + counts["skipped"] == counts["total"]
-    assert counts["failed"] == 0
+    assert counts["failed"] == 0 and counts["succeeded"] >= 5000
+    assert any(rec.get("message") == "job input stopped arriving; failing the job" and rec.get("job_id") == job_id
+               for rec in log_records(worker))
     results = jsonl(client.get(f"/v1/jobs/{job_id}/results"))
     rows = [r["row"] for r in results]
     assert len(rows) == len(set(rows)) == counts["succeeded"]
@@ -451,11 +454,10 @@ def test_api_killed_mid_upload_fails_the_job(rig, slow_reg):
 def test_redis_restart_mid_job(rig, slow_reg):
     """Redis killed mid-job and restarted from its append-only file: /readyz says so, and jobs complete exactly."""
     worker = rig.worker(concurrency=2, sleep=1.0)
-    rig.beat()
+    beat = rig.beat()
     client = rig.client()
     frame = make_frame(1200)
     job_id = submit(client, "slow_reg", frame, chunk_size=100)  # 12 chunks
-    rig.r.execute_command("WAITAOF", 1, 0, 10_000)  # the accepted job is on disk
     wait_for(lambda: rig.r.scard(keys.done(job_id)) >= 2, timeout=30, what="two chunks committed")
 
     rig.redis.kill(signal.SIGKILL)
@@ -464,11 +466,12 @@ def test_redis_restart_mid_job(rig, slow_reg):
     elapsed = time.monotonic() - started
     assert down.status_code == 503, down.json
     assert down.json["checks"]["redis"]["ok"] is False, down.json
-    assert elapsed < 10, f"/readyz took {elapsed:.1f} s while Redis was down"
+    assert elapsed < 5, f"/readyz took {elapsed:.1f} s while Redis was down"
 
     rig.redis.restart()
     restarted_at = time.time()
     rig.r = rig.redis.client()
+    scheduled = beat.log().count("Sending due task reconcile")
     wait_for(lambda: client.get("/readyz").status_code == 200, timeout=30, what="/readyz to answer 200 again")
 
     def fresh_heartbeat():
@@ -476,12 +479,18 @@ def test_redis_restart_mid_job(rig, slow_reg):
         return [name for name, at in beats.items() if name.startswith(f"{worker.name}@") and at > restarted_at]
 
     wait_for(fresh_heartbeat, timeout=30, what="a worker heartbeat newer than the restart")
-    job = wait_terminal(client, job_id, timeout=60)
+    wait_for(lambda: client.get("/readyz?workers=true").status_code == 200, timeout=30,
+             what="/readyz?workers=true to see a consuming worker again")
+    job = wait_terminal(client, job_id)
     assert_exact(client, job, frame, slow_reg)
 
     later = make_frame(300, seed=23)
     later_id = submit(client, "slow_reg", later, chunk_size=100)
-    assert_exact(client, wait_terminal(client, later_id, timeout=45), later, slow_reg)
+    assert_exact(client, wait_terminal(client, later_id), later, slow_reg)
+    # The reconciler's schedule carries on too.
+    wait_for(lambda: beat.log().count("Sending due task reconcile") > scheduled, timeout=30,
+             what="beat to schedule the reconciler after the restart")
+    assert beat.running and worker.running
 
 
 def test_sigterm_lets_the_running_chunk_finish(rig, slow_reg):
@@ -492,7 +501,7 @@ def test_sigterm_lets_the_running_chunk_finish(rig, slow_reg):
     job_id = submit(client, "slow_reg", frame, chunk_size=100)  # 3 chunks
     (running,) = wait_for(lambda: fresh_claims(rig.r, job_id, 1.0), timeout=30, what="a chunk to be claimed")
     first.send_signal(signal.SIGTERM)
-    first.wait_exit(timeout=30)
+    assert first.wait_exit(timeout=30) == 0  # a warm shutdown, after the chunk
     first.stop()
     assert [int(i) for i in rig.r.smembers(keys.done(job_id))] == [running]
     assert rig.r.hgetall(keys.attempts(job_id)) == {str(running).encode(): b"1"}
