@@ -9,6 +9,7 @@ from api import schemas
 from api.openapi import operation, query
 from api.parsing import parse_bool
 from api.services import services
+from shared import keys
 from shared.errors import PredqError
 from shared.workers import worker_states
 
@@ -61,3 +62,37 @@ def readyz() -> Response:
     if need_workers:
         ready &= bool(consuming)
     return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+
+
+def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        shown = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+@bp.get("/metrics")
+@operation("get", "/metrics", summary="Prometheus metrics", responses={200: "text/plain"})
+def metrics() -> Response:
+    """Gauges read at scrape time: worker liveness, queue length and active jobs (Prometheus text format)."""
+    svc = services()
+    lines: list[str] = []
+    try:
+        states = worker_states(svc.redis, stale_after=svc.settings.WORKER_STALE_SECONDS,
+                               heartbeat_interval=svc.settings.HEARTBEAT_INTERVAL)
+        queue = svc.redis.llen(svc.settings.CHUNK_QUEUE)
+        active = svc.redis.scard(keys.ACTIVE_JOBS)
+        up = 1
+    except redis.RedisError:
+        states, queue, active, up = [], 0, 0, 0
+    _metric(lines, "predq_redis_up", "gauge", "Whether Redis answered this scrape.", [({}, up)])
+    _metric(lines, "predq_worker_consuming", "gauge", "1 when the worker's canary task ran lately.",
+            [({"worker": w.name}, int(w.status == "consuming")) for w in states])
+    _metric(lines, "predq_worker_heartbeat_age_seconds", "gauge", "Seconds since the worker's last heartbeat.",
+            [({"worker": w.name}, w.heartbeat_age) for w in states if w.heartbeat_age is not None])
+    _metric(lines, "predq_worker_canary_age_seconds", "gauge", "Seconds since a canary task last ran on the worker.",
+            [({"worker": w.name}, w.canary_age) for w in states if w.canary_age is not None])
+    _metric(lines, "predq_queue_length", "gauge", "Chunk messages waiting in the broker.", [({}, queue)])
+    _metric(lines, "predq_jobs_active", "gauge", "Jobs not yet in a terminal state.", [({}, active)])
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
