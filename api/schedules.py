@@ -12,7 +12,7 @@ from api.parsing import parse_bool
 from api.services import services
 from shared.errors import InvalidParameter, ModelNotFound, PredqError
 from shared.jobs import rfc3339
-from shared.runs import last_run, start_run
+from shared.runs import last_run, recent_skips, start_run
 from shared.schedules import Schedule
 
 bp = Blueprint("schedules", __name__)
@@ -41,11 +41,11 @@ def _schedule(name: str) -> Schedule:
 @bp.get("/v1/schedules")
 @operation("get", "/v1/schedules", summary="List schedules", responses={200: schemas.ScheduleList})
 def list_schedules() -> Response:
-    """Every schedule with its next run and its last run."""
+    """Every schedule with its next run, its last run and the slots it skipped lately (overlap = "skip")."""
     svc = services()
     now = dt.datetime.now(dt.UTC)
-    data = [{**s.describe(), "next_run_at": rfc3339(s.next_slot(now).timestamp()), "last_run": last_run(svc.store, s)}
-            for s in svc.schedules.values()]
+    data = [{**s.describe(), "next_run_at": rfc3339(s.next_slot(now).timestamp()), "last_run": last_run(svc.store, s),
+             "skipped": recent_skips(svc.store, s)} for s in svc.schedules.values()]
     return _json({"data": data})
 
 

@@ -137,6 +137,12 @@ class ScheduleRun(BaseModel):
     status: str
 
 
+class SkippedSlot(BaseModel):
+    slot: str
+    reason: str
+    at: float
+
+
 class ScheduleOut(BaseModel):
     name: str
     cron: str
@@ -146,6 +152,7 @@ class ScheduleOut(BaseModel):
     output: str
     next_run_at: str
     last_run: ScheduleRun | None
+    skipped: list[SkippedSlot] = Field(description="Slots skipped lately because the previous run still ran.")
 
 
 class ScheduleList(BaseModel):

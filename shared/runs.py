@@ -173,3 +173,8 @@ def last_run(store: JobStore, schedule: Schedule) -> dict | None:
     if job is None or job.run is None:
         return None
     return {"slot": job.run["slot"], "date": job.run["date"], "job_id": job.id, "status": job.status.value}
+
+
+def recent_skips(store: JobStore, schedule: Schedule, limit: int = 10) -> list[dict]:
+    """The latest slots skipped because the previous run still ran (overlap = "skip"), newest first."""
+    return [json.loads(raw) for raw in store.r.lrange(keys.schedule_skipped(schedule.name), 0, limit - 1)]
