@@ -42,6 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         redbeat_redis_url=settings.REDIS_URL,
         redbeat_key_prefix="predq:beat:",
         redbeat_lock_timeout=int(settings.BEAT_LOCK_TIMEOUT),
+        redbeat_redis_options={"socket_connect_timeout": 2, "socket_timeout": 10},
         beat_max_loop_interval=max(1, min(5, int(settings.BEAT_LOCK_TIMEOUT // 3))),
         beat_schedule={
             "reconcile": {"task": RECONCILE, "schedule": settings.RECONCILE_INTERVAL},
