@@ -1,13 +1,13 @@
 """Liveness and readiness."""
 from __future__ import annotations
 
-import orjson
 import redis
 from flask import Blueprint, Response, request
 
 from api import schemas
 from api.openapi import operation, query
 from api.parsing import parse_bool
+from api.responses import json_response
 from api.services import services
 from shared import keys
 from shared.errors import PredqError
@@ -16,15 +16,12 @@ from shared.workers import worker_states
 bp = Blueprint("health", __name__)
 
 
-def _json(payload: dict, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
-
 
 @bp.get("/healthz")
 @operation("get", "/healthz", summary="Liveness", responses={200: schemas.Health})
 def healthz() -> Response:
     """200 while the process serves."""
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @bp.get("/readyz")
@@ -61,7 +58,7 @@ def readyz() -> Response:
                          "workers": [w.to_dict() for w in states]}
     if need_workers:
         ready &= bool(consuming)
-    return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+    return json_response({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
 
 
 def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:

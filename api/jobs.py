@@ -4,9 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any
 
-import orjson
 import pyarrow as pa
 from flask import Blueprint, Response, request, stream_with_context
 
@@ -21,6 +19,7 @@ from api.parsing import (
     parse_bool,
     validated,
 )
+from api.responses import json_response
 from api.services import Services, services
 from shared import blobs, writers
 from shared.dispatch import send_chunk, send_output
@@ -48,9 +47,6 @@ bp = Blueprint("jobs", __name__)
 
 _RESERVED_ID_COLUMNS = ("row", "prediction", "code", "message")
 
-
-def _json(payload: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
 def _resolve_model(req: schemas.JobRequest) -> ModelVersion:
@@ -237,7 +233,7 @@ def create_job() -> Response:
     if created:
         log.info("job created", extra={"job_id": job.id, "model": job.model, "model_version": job.version,
                                        "rows": job.total})
-    return _json(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
+    return json_response(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
 
 
 def _job(job_id: str) -> Job:
@@ -268,7 +264,7 @@ def list_jobs() -> Response:
         raise InvalidParameter("cursor is not one this service gave out; pass next_cursor from the previous page.",
                                details={"fields": [{"name": "cursor", "code": "invalid_parameter", "message": "unknown cursor"}]})
     jobs, next_cursor = services().store.list(status=status, limit=int(raw_limit), cursor=cursor)
-    return _json({"data": [j.to_public() for j in jobs], "next_cursor": next_cursor})
+    return json_response({"data": [j.to_public() for j in jobs], "next_cursor": next_cursor})
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -276,7 +272,7 @@ def list_jobs() -> Response:
            responses={200: schemas.Job, 404: None})
 def get_job(job_id: str) -> Response:
     """Status, counts, progress and speed of one job."""
-    return _json(_job(job_id).to_public())
+    return json_response(_job(job_id).to_public())
 
 
 def _tables(job: Job, kind: str) -> Iterator[pa.Table]:
@@ -341,7 +337,7 @@ def cancel(job_id: str) -> Response:
         raise JobNotFound(f"No job {job_id!r}; it never existed or its results have expired.")
     if outcome == "finished":
         raise JobFinished(f"Job {job_id} has already finished; there is nothing to cancel.")
-    return _json(_job(job_id).to_public(), 202)
+    return json_response(_job(job_id).to_public(), 202)
 
 
 @bp.delete("/v1/jobs/<job_id>")

@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 from flask import Blueprint, Response, request
 
 from api import schemas
 from api.openapi import operation, path, query
 from api.parsing import json_body, parse_bool
+from api.responses import json_response
 from api.services import services
 from shared.errors import EmptyInput, InvalidInput, PredqError, TooManyRows
 from shared.prediction import Scored, json_value, predict, validate
@@ -25,9 +25,6 @@ _PROBAS = query("probabilities", {"type": "boolean"}, "Add class probabilities (
 class PredictionFailed(PredqError):
     status, code = 422, "prediction_failed"
 
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json")
 
 
 def _model() -> ModelVersion:
@@ -45,7 +42,7 @@ def list_models() -> Response:
             data.append(reg.describe(reg.get(name)))
         except PredqError:
             continue
-    return _json({"data": data})
+    return json_response({"data": data})
 
 
 @bp.get("/v1/models/<name>")
@@ -54,7 +51,7 @@ def list_models() -> Response:
 def get_model(name: str) -> Response:
     """The newest version of a model, or the one named by `version`."""
     reg = services().registry
-    return _json(reg.describe(_model()))
+    return json_response(reg.describe(_model()))
 
 
 def _scored_rows(mv: ModelVersion, scored: Scored, n: int, probabilities: bool) -> tuple[list, list | None]:
@@ -80,7 +77,7 @@ def _one(mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> Resp
                             "prediction": json_value(scored.predictions[0])}
     if probabilities and scored.probabilities is not None:
         body["probabilities"] = dict(zip((str(c) for c in mv.classes or []), scored.probabilities[0].tolist()))
-    return _json(body)
+    return json_response(body)
 
 
 def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:
@@ -100,7 +97,7 @@ def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:
     if probas is not None:
         body["probabilities"] = probas
     body["errors"] = errors
-    return _json(body)
+    return json_response(body)
 
 
 @bp.post("/v1/models/<name>/predict")

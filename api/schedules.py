@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-import orjson
 from flask import Blueprint, Response, request
 
 from api import schemas
 from api.openapi import operation, path, query
 from api.parsing import parse_bool
+from api.responses import json_response
 from api.services import services
 from shared.errors import InvalidParameter, ModelNotFound, PredqError
 from shared.jobs import rfc3339
@@ -25,9 +25,6 @@ class ScheduleNotFound(PredqError):
 class RunInProgress(PredqError):
     status, code = 409, "run_in_progress"
 
-
-def _json(payload, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(payload), status=status, mimetype="application/json", headers=headers)
 
 
 def _schedule(name: str) -> Schedule:
@@ -46,7 +43,7 @@ def list_schedules() -> Response:
     now = dt.datetime.now(dt.UTC)
     data = [{**s.describe(), "next_run_at": rfc3339(s.next_slot(now).timestamp()), "last_run": last_run(svc.store, s),
              "skipped": recent_skips(svc.store, s)} for s in svc.schedules.values()]
-    return _json({"data": data})
+    return json_response({"data": data})
 
 
 @bp.post("/v1/schedules/<name>/run")
@@ -79,4 +76,4 @@ def run_schedule(name: str) -> Response:
         raise PredqError(e.message) from e
     if job is None:
         raise PredqError("The run for this date is being started by another request; retry in a moment.")
-    return _json(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
+    return json_response(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
