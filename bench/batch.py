@@ -676,6 +676,23 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
 
 # --------------------------------------------------------------------------------------------------
 
+def prepare(tmp: Path, model: str, n_rows: int, seed: int, data: Path | None) -> tuple[Path, Path, int]:
+    """Install the demo models under tmp and make (or reuse) the CSV: (models dir, CSV path, its rows)."""
+    models_dir = tmp / "models"
+    install_demo_models(models_dir)
+    features = [f.name for f in Registry(models_dir).get(model).features]
+    data = data.resolve() if data else tmp / f"{model}-{n_rows}.csv"
+    if data.exists():
+        rows = count_data_rows(data)
+        log(f"reusing {data}: {rows} rows")
+        return models_dir, data, rows
+    t0 = time.perf_counter()
+    data.parent.mkdir(parents=True, exist_ok=True)
+    generate_csv(data, model, features, n_rows, seed)
+    log(f"generated {data} ({data.stat().st_size / MiB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return models_dir, data, n_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate (default 1,000,000)")
@@ -694,19 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="predq-bench-"))
     log(f"working directory {tmp}")
     try:
-        models_dir = tmp / "models"
-        install_demo_models(models_dir)
-        features = [f.name for f in Registry(models_dir).get(args.model).features]
-        data = args.data.resolve() if args.data else tmp / f"{args.model}-{args.rows}.csv"
-        if data.exists():
-            rows = count_data_rows(data)
-            log(f"reusing {data}: {rows} rows")
-        else:
-            t0 = time.perf_counter()
-            data.parent.mkdir(parents=True, exist_ok=True)
-            generate_csv(data, args.model, features, args.rows, args.seed)
-            rows = args.rows
-            log(f"generated {data} ({data.stat().st_size / MiB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+        models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
 
         log("in-process limit ...")
         inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")

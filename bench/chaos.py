@@ -48,16 +48,13 @@ from bench.batch import (
     ProcfileWorker,
     _problem_lines,
     _read_json_lines,
-    count_data_rows,
     download,
-    generate_csv,
     log,
+    prepare,
     run_in_process,
 )
 from cli.stack import procfile
 from shared import keys
-from shared.demo import install_demo_models
-from shared.registry import Registry
 from tests.support.processes import RedisServer
 
 #: In the environment of every process of both runs: lost work comes back within seconds, not minutes.
@@ -671,19 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="predq-chaos-"))
     log(f"working directory {tmp}")
     try:
-        models_dir = tmp / "models"
-        install_demo_models(models_dir)
-        features = [f.name for f in Registry(models_dir).get(args.model).features]
-        data = args.data.resolve() if args.data else tmp / f"{args.model}-{args.rows}.csv"
-        if data.exists():
-            rows = count_data_rows(data)
-            log(f"reusing {data}: {rows} rows")
-        else:
-            t0 = time.perf_counter()
-            data.parent.mkdir(parents=True, exist_ok=True)
-            generate_csv(data, args.model, features, args.rows, args.seed)
-            rows = args.rows
-            log(f"generated {data} ({data.stat().st_size / MiB:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+        models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
 
         inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
         table = pq.read_table(tmp / "inprocess.parquet")
