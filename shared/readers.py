@@ -11,6 +11,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -44,6 +45,7 @@ _ACCEPTED = "CSV (.csv), JSON Lines (.jsonl, .ndjson, .json-lines) or Parquet (.
 _PEEK = 64 << 10            # bytes read at a time while looking for the CSV header
 _MAX_HEADER = 1 << 20       # a header longer than this is taken for a file that is not CSV
 _CSV_BLOCK = 2 << 20        # pyarrow's CSV block; a single record must fit in one
+_CSV_AHEAD = 8              # blocks read but not yet parsed, at most (bounds an upload's memory)
 _CSV_NULLS = ["", "NA", "N/A", "null", "NULL", "None"]
 _JSON_BLOCK = 4 << 20       # bytes of whole lines parsed at once
 _JSON_ARROW_BLOCK = 1 << 20  # pyarrow's unit of parallel parsing within a block
@@ -229,13 +231,35 @@ class _Replay(io.RawIOBase):
         self._stream = stream
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._offset = 0
+        # pyarrow reads on its own thread, as far ahead as the input allows (a whole upload, if it arrives
+        # faster than it is parsed); reads wait while more than _CSV_AHEAD blocks are unparsed.
+        self._turn = threading.Condition()
+        self._reads = 0
+        self._parsed = 0
+        self._released = False
 
     def readable(self) -> bool:
         return True
 
+    def parsed_one(self) -> None:
+        """The parser handed out one more block's rows: one more block may be read."""
+        with self._turn:
+            self._parsed += 1
+            self._turn.notify_all()
+
+    def release(self) -> None:
+        """Let a waiting read go on (the reader is stopping)."""
+        with self._turn:
+            self._released = True
+            self._turn.notify_all()
+
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             raise ValueError("the size to read must be given")  # an unbounded read would hold the whole file
+        with self._turn:
+            while self._reads - self._parsed >= _CSV_AHEAD and not self._released:
+                self._turn.wait(1.0)
+            self._reads += 1
         out, self._head = self._head[:size], self._head[size:]
         # Short reads would make pyarrow parse tiny blocks, so fill every read.
         if len(out) < size:
@@ -285,10 +309,13 @@ class _CsvReader(Reader):
                     null_values=_CSV_NULLS, strings_can_be_null=True),
             )
             for batch in reader:
+                self._source.parsed_one()
                 table = pa.Table.from_batches([batch]).select(self._keep)
                 yield table.append_column(ROW, pa.array(self._positions(batch.num_rows)))
         except pa.ArrowException as exc:
             raise _csv_error(exc) from exc
+        finally:
+            self._source.release()  # before pyarrow's reader goes, in case its thread waits to read
 
     def _on_invalid_row(self, row: pacsv.InvalidRow) -> str:
         """Skip a record with the wrong number of fields, noting its position."""

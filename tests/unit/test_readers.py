@@ -561,3 +561,27 @@ def test_a_reader_is_iterated_once():
         assert len(list(reader)) == 1
         with pytest.raises(RuntimeError):
             iter(reader)
+
+
+def test_csv_reads_only_a_few_blocks_ahead_of_the_parser(monkeypatch):
+    """A fast upload is not pulled into memory ahead of parsing: reads wait for the parser."""
+    import shared.readers as readers_module
+
+    monkeypatch.setattr(readers_module, "_CSV_BLOCK", 64 * 1024)
+    body = b"a,b\n" + b"".join(b"%d,%d\n" % (i, i * 7) for i in range(400_000))
+    stream = io.BytesIO(body)
+    reads = []
+    real_read = stream.read
+
+    def counting_read(size=-1):
+        reads.append(size)
+        return real_read(size)
+
+    monkeypatch.setattr(stream, "read", counting_read)
+    reader = open_reader("csv", stream, batch_rows=1000)
+    batches = iter(reader)
+    next(batches)
+    blocks_total = len(body) // (64 * 1024)
+    assert len(reads) <= readers_module._CSV_AHEAD + 4 < blocks_total
+    reader.close()  # stopping early must not leave pyarrow's read thread waiting forever
+    assert sum(b.table.num_rows for b in open_reader("csv", io.BytesIO(body), batch_rows=50_000)) == 400_000
