@@ -21,6 +21,7 @@ from shared import keys
 from shared.dispatch import make_celery, send_chunk
 from shared.registry import Registry
 from shared.settings import load_settings
+from tests.support import data
 from tests.support.models import FEATURES, POISON, PREDICT_SLEEP_ENV, install_fault_models, training_frame
 from tests.support.processes import REPO_ROOT, ApiServer, CeleryWorker, RedisServer, _app_env, _ManagedProcess, wait_for
 
@@ -402,18 +403,9 @@ def test_api_killed_mid_upload_fails_the_job(rig, slow_reg):
     frame = make_frame(100_000)
     body = frame.to_csv(index=False, float_format="%.17g").encode()
     first_part = body.index(b"\n", 6 << 20) + 1  # enough for the reader to parse its first blocks of CSV
-    boundary = "predq-fault-boundary"
     killed = []
 
-    def stream():
-        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nslow_reg\r\n'
-               f'--{boundary}\r\nContent-Disposition: form-data; name="chunk_size"\r\n\r\n5000\r\n'
-               f'--{boundary}\r\nContent-Disposition: form-data; name="id_column"\r\n\r\nid\r\n'
-               f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="rows.csv"\r\n'
-               "Content-Type: text/csv\r\n\r\n").encode()
-        for start in range(0, first_part, 64 * 1024):
-            yield body[start:min(start + 64 * 1024, first_part)]
-
+    def pause() -> None:
         def committed():
             ids = rig.r.zrange(keys.JOBS, 0, -1)
             return len(ids) == 1 and rig.r.scard(keys.done(ids[0].decode())) >= 1
@@ -421,13 +413,11 @@ def test_api_killed_mid_upload_fails_the_job(rig, slow_reg):
         wait_for(committed, timeout=30, what="the first chunk of the upload to be stored and committed")
         api.kill(signal.SIGKILL)
         killed.append(True)
-        for start in range(first_part, len(body), 64 * 1024):
-            yield body[start:start + 64 * 1024]
-        yield f"\r\n--{boundary}--\r\n".encode()
 
+    stream, content_type = data.paused_multipart({"model": "slow_reg", "chunk_size": "5000", "id_column": "id"},
+                                                 "rows.csv", body, first_part, pause)
     with pytest.raises(requests.RequestException):
-        requests.post(f"{api.url}/v1/jobs", data=stream(), timeout=60,
-                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        requests.post(f"{api.url}/v1/jobs", data=stream, timeout=60, headers={"Content-Type": content_type})
     assert killed
     (job_id,) = [i.decode() for i in rig.r.zrange(keys.JOBS, 0, -1)]
     rig.beat()

@@ -8,9 +8,6 @@ from shared import keys
 from tests.support import data
 from tests.support.processes import wait_for
 
-BOUNDARY = "predq-stream-boundary"
-
-
 def _newest_job(r, known: set[bytes]) -> str | None:
     ids = [i for i in r.zrevrangebylex(keys.JOBS, "+", "-", start=0, num=5) if i not in known]
     return ids[0].decode() if ids else None
@@ -24,27 +21,18 @@ def test_workers_start_before_the_upload_ends(api_server, worker, redis_server):
     known = set(r.zrange(keys.JOBS, 0, -1))
     seen_during_upload: dict[str, int] = {}
 
-    def body():
-        yield (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\nfussy\r\n'
-               f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="chunk_size"\r\n\r\n5000\r\n'
-               f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="id_column"\r\n\r\nid\r\n'
-               f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="rows.csv"\r\n'
-               "Content-Type: text/csv\r\n\r\n").encode()
-        for start in range(0, half, 64 * 1024):
-            yield planted.body[start:min(start + 64 * 1024, half)]
-
+    def pause() -> None:
         def committed():
             job_id = _newest_job(r, known)
             return job_id and r.scard(keys.done(job_id)) and job_id
 
         job_id = wait_for(committed, timeout=60, what="a worker to commit a chunk during the upload")
         seen_during_upload[job_id] = r.scard(keys.done(job_id))
-        for start in range(half, len(planted.body), 64 * 1024):
-            yield planted.body[start:start + 64 * 1024]
-        yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
-    response = requests.post(f"{api_server.url}/v1/jobs", data=body(), timeout=120,
-                             headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    body, content_type = data.paused_multipart({"model": "fussy", "chunk_size": "5000", "id_column": "id"},
+                                               "rows.csv", planted.body, half, pause)
+    response = requests.post(f"{api_server.url}/v1/jobs", data=body, timeout=120,
+                             headers={"Content-Type": content_type})
     assert response.status_code == 202, response.text
     job = response.json()
     assert seen_during_upload.get(job["id"], 0) >= 1

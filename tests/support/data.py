@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,13 +110,34 @@ def planted_parquet(n: int) -> Planted:
     return Planted("input.parquet", sink.getvalue(), frame, errors)
 
 
-def multipart(fields: dict[str, str], filename: str, body: bytes, boundary: str = "predq-test-boundary-7f3a") -> tuple[bytes, str]:
-    """A multipart/form-data body with the fields first and the file last, and its content type."""
-    parts = []
-    for name, value in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+BOUNDARY = "predq-test-boundary-7f3a"
+
+
+def _multipart_head(fields: dict[str, str], filename: str, boundary: str) -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
     parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
-    parts.append(body)
-    parts.append(f"\r\n--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    return b"".join(parts)
+
+
+def multipart(fields: dict[str, str], filename: str, body: bytes, boundary: str = BOUNDARY) -> tuple[bytes, str]:
+    """A multipart/form-data body with the fields first and the file last, and its content type."""
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return _multipart_head(fields, filename, boundary) + body + tail, f"multipart/form-data; boundary={boundary}"
+
+
+def paused_multipart(fields: dict[str, str], filename: str, body: bytes, pause_at: int,
+                     on_pause: Callable[[], None], piece: int = 64 * 1024) -> tuple[Iterator[bytes], str]:
+    """A streamed multipart body that calls `on_pause` after the file's first `pause_at` bytes, then sends the rest."""
+
+    def stream() -> Iterator[bytes]:
+        yield _multipart_head(fields, filename, BOUNDARY)
+        for start in range(0, pause_at, piece):
+            yield body[start:min(start + piece, pause_at)]
+        on_pause()
+        for start in range(pause_at, len(body), piece):
+            yield body[start:start + piece]
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    return stream(), f"multipart/form-data; boundary={BOUNDARY}"
