@@ -125,8 +125,7 @@ def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     if not req.rows:
         raise EmptyInput("'rows' is empty; send at least one object.")
     wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
-    seen = {k for r in req.rows[:1000] if isinstance(r, dict) for k in r}
-    if req.id_column and req.id_column not in seen:
+    if req.id_column and not any(isinstance(r, dict) and req.id_column in r for r in req.rows):
         check_columns(mv, [f.name for f in mv.features], req.id_column)
     size = _chunk_rows(svc, req, len(wanted))
     job = _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size, claim)

@@ -287,18 +287,15 @@ class JobStore:
                 if status is None or job.status.value == status:
                     found.append(job)
                     if len(found) == limit:
-                        return found, job.id if self._has_older(job.id, status) else None
+                        return found, job.id if self._has_older(job.id) else None
             if expired:
                 self.r.zrem(keys.JOBS, *expired)
             upper = f"({ids[-1]}"
         return found, None
 
-    def _has_older(self, job_id: str, status: str | None) -> bool:
+    def _has_older(self, job_id: str) -> bool:
         # A cheap hint: any older id at all. With a status filter the next page may come back empty.
         return bool(self.r.zrevrangebylex(keys.JOBS, f"({job_id}", "-", start=0, num=1))
-
-    def chunk_rows(self, job_id: str) -> dict[int, int]:
-        return {int(k): int(v) for k, v in self.r.hgetall(keys.chunks(job_id)).items()}
 
     def iter_blobs(self, job_id: str, kind: str, chunk_count: int, batch: int = 8) -> Iterator[bytes]:
         """Result or error blobs of committed chunks, in input order, a few at a time."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -155,8 +156,7 @@ def _coerce_arrow(arr: pa.Array, feature: Feature, allows_missing: bool, json_mi
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if json_mixed:
-        import orjson  # a column of JSON-encoded cells: decode and judge each value as JSON
-
+        # A column of JSON-encoded cells (mixed JSON types): decode and judge each value as JSON.
         decoded = [None if v is None else orjson.loads(v) for v in arr.to_pylist()]
         return _coerce_list(decoded, feature, allows_missing)
     n = len(arr)

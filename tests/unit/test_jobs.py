@@ -21,15 +21,20 @@ def registry(tmp_path_factory) -> Registry:
 
 
 @pytest.fixture
-def store(registry) -> JobStore:
-    client = fakeredis.FakeRedis()
-    client.set("test:fussy_sha256", registry.get("fussy").sha256)
-    return JobStore(client, result_ttl=3600, max_attempts=3, stale_after=300)
+def store() -> JobStore:
+    return JobStore(fakeredis.FakeRedis(), result_ttl=3600, max_attempts=3, stale_after=300)
 
 
-def _new(store: JobStore, **options) -> str:
-    return store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(), options=JobOptions(**options), metadata={"k": "v"},
-                        source_format="csv")
+@pytest.fixture
+def new_job(store, registry):
+    """Creates a job of the `fussy` test model, pinned to its real sha256."""
+    sha256 = registry.get("fussy").sha256
+
+    def create(window: int = 16, **options) -> str:
+        return store.create(model="fussy", version="v1", sha256=sha256, options=JobOptions(**options),
+                            metadata={"k": "v"}, source_format="csv", window=window)
+
+    return create
 
 
 def _chunk_blob(first_row: int, n: int, sentinel_at: tuple[int, ...] = ()) -> bytes:
@@ -60,9 +65,9 @@ def test_ids_sort_by_creation_time():
     assert a < b and len(a) == 30 and a.startswith("job_")
 
 
-def test_job_runs_to_success(store, registry):
+def test_job_runs_to_success(store, registry, new_job):
     """Every chunk committed once: the job ends succeeded with exact counts and keys expire."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [100, 100, 50])
     assert store.get(job_id).status == Status.QUEUED
     outcomes = [run(store, registry, job_id, i) for i in range(3)]
@@ -75,9 +80,9 @@ def test_job_runs_to_success(store, registry):
     assert job.to_public()["progress"] == 1.0
 
 
-def test_duplicate_commit_changes_nothing(store, registry):
+def test_duplicate_commit_changes_nothing(store, registry, new_job):
     """A chunk delivered twice is counted once."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [10, 10])
     assert run(store, registry, job_id, 0) == "open"
     assert store.commit(job_id, 0, 10, 0, b"x", b"")[0] == "duplicate"
@@ -88,9 +93,9 @@ def test_duplicate_commit_changes_nothing(store, registry):
     assert (job.succeeded, job.failed) == (20, 0)
 
 
-def test_failing_rows_make_a_partial_success(store, registry):
+def test_failing_rows_make_a_partial_success(store, registry, new_job):
     """Rows the model raises on become prediction_failed errors; the job is partially_succeeded."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [64], sentinel_at=(5, 40))
     assert run(store, registry, job_id, 0) == "partially_succeeded"
     errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
@@ -98,9 +103,9 @@ def test_failing_rows_make_a_partial_success(store, registry):
     assert set(errors.column("code").to_pylist()) == {"prediction_failed"}
 
 
-def test_cancel_skips_idle_chunks_and_keeps_finished_ones(store, registry):
+def test_cancel_skips_idle_chunks_and_keeps_finished_ones(store, registry, new_job):
     """Cancel: processed rows stay, the rest are skipped, and the counts add up."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [10, 20, 30])
     run(store, registry, job_id, 0)
     assert store.stop(job_id, "cancel") == "cancelled"
@@ -111,9 +116,9 @@ def test_cancel_skips_idle_chunks_and_keeps_finished_ones(store, registry):
     assert run(store, registry, job_id, 1) == "done"
 
 
-def test_cancel_waits_for_a_running_chunk(store, registry):
+def test_cancel_waits_for_a_running_chunk(store, registry, new_job):
     """A chunk claimed before the cancel may still commit; the job ends when it does."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [10, 10])
     outcome, attempt, blob = store.claim(job_id, 0)
     assert (outcome, attempt) == ("run", 1)
@@ -123,9 +128,9 @@ def test_cancel_waits_for_a_running_chunk(store, registry):
     assert (job.succeeded, job.skipped) == (10, 10)
 
 
-def test_error_budget_fails_the_job(store, registry):
+def test_error_budget_fails_the_job(store, registry, new_job):
     """More failed rows than max_error_rate allows: the job fails and the rest is skipped."""
-    job_id = _new(store, max_error_rate=0.01)
+    job_id = new_job(max_error_rate=0.01)
     _fill(store, job_id, [100, 100, 100], sentinel_at=(1, 2))
     assert run(store, registry, job_id, 0) == "failed"
     job = store.get(job_id)
@@ -133,15 +138,15 @@ def test_error_budget_fails_the_job(store, registry):
     assert (job.succeeded, job.failed, job.skipped, job.total) == (98, 2, 200, 300)
 
 
-def test_every_row_failing_fails_the_job(store, registry):
-    job_id = _new(store)
+def test_every_row_failing_fails_the_job(store, registry, new_job):
+    job_id = new_job()
     _fill(store, job_id, [1], sentinel_at=(0,))
     assert run(store, registry, job_id, 0) == "failed"
 
 
-def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry):
+def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry, new_job):
     """A chunk claimed more times than allowed is not run again: its rows become chunk_failed."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [7])
     for attempt in (1, 2, 3):
         assert store.claim(job_id, 0)[:2] == ("run", attempt)
@@ -161,9 +166,9 @@ def test_a_changed_model_file_fails_the_job(store, registry):
     assert (job.succeeded, job.skipped) == (0, 10)
 
 
-def test_an_unexpected_error_fails_the_chunk_rows(store, registry):
+def test_an_unexpected_error_fails_the_chunk_rows(store, registry, new_job):
     """A chunk whose processing hits a bug ends as chunk_failed rows instead of leaving the job running."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [4, 4])
     assert fail_chunk(store, job_id, 0, "an internal error stopped this chunk (KeyError)", lambda j, i: None) == "open"
     errors, _ = blobs.decode(store.r.hget(keys.errors(job_id), 0))
@@ -171,9 +176,9 @@ def test_an_unexpected_error_fails_the_chunk_rows(store, registry):
     assert run(store, registry, job_id, 1) == "partially_succeeded"
 
 
-def test_commit_to_a_deleted_job_is_dropped(store, registry):
+def test_commit_to_a_deleted_job_is_dropped(store, registry, new_job):
     """A worker finishing a chunk of a job deleted meanwhile writes nothing."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [5])
     store.discard(job_id)
     assert run(store, registry, job_id, 0) == "gone"
@@ -181,9 +186,9 @@ def test_commit_to_a_deleted_job_is_dropped(store, registry):
     assert not store.r.keys(f"*{job_id}*")
 
 
-def test_reconciler_resends_stale_chunks_only(store, registry):
+def test_reconciler_resends_stale_chunks_only(store, registry, new_job):
     """Chunks neither done nor claimed for too long are sent again; fresh and done ones are left alone."""
-    job_id = _new(store)
+    job_id = new_job()
     _fill(store, job_id, [5, 5, 5])
     run(store, registry, job_id, 0)
     sent = []
@@ -194,9 +199,9 @@ def test_reconciler_resends_stale_chunks_only(store, registry):
     assert sent == [(job_id, 1)]
 
 
-def test_reconciler_fails_a_job_whose_input_stopped_arriving(store, registry):
+def test_reconciler_fails_a_job_whose_input_stopped_arriving(store, registry, new_job):
     """An upload that died mid-way (API process gone) ends failed with every row accounted for."""
-    job_id = _new(store)
+    job_id = new_job()
     store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
     run(store, registry, job_id, 0)
     store.r.hset(keys.job(job_id), "read_at", 1.0)
@@ -207,19 +212,18 @@ def test_reconciler_fails_a_job_whose_input_stopped_arriving(store, registry):
     assert reconcile(store, lambda j, i: None, stale_after=300) == {"resent": 0, "fed": 0, "abandoned": 0}
 
 
-def test_job_stays_open_while_its_input_is_read(store, registry):
+def test_job_stays_open_while_its_input_is_read(store, registry, new_job):
     """All chunks done but the input not finished: the job is not terminal yet."""
-    job_id = _new(store)
+    job_id = new_job()
     store.add_chunk(job_id, 0, 5, _chunk_blob(0, 5))
     assert run(store, registry, job_id, 0) == "open"
     assert store.get(job_id).total is None
     assert store.finish_ingest(job_id, 5, 1) == "succeeded"
 
 
-def test_a_job_keeps_only_its_window_of_chunks_in_the_broker(store, registry):
+def test_a_job_keeps_only_its_window_of_chunks_in_the_broker(store, registry, new_job):
     """Chunks are sent in input order, at most `window` at a time; each commit lets the next one in."""
-    job_id = store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(),
-                          options=JobOptions(), metadata={}, source_format="csv", window=2)
+    job_id = new_job(window=2)
     sends = [store.add_chunk(job_id, i, 5, _chunk_blob(5 * i, 5))[1] for i in range(5)]
     assert sends == [[0], [1], [], [], []]
     store.finish_ingest(job_id, 25, 5)
@@ -235,10 +239,9 @@ def test_a_job_keeps_only_its_window_of_chunks_in_the_broker(store, registry):
     assert store.stale_chunks(job_id, 1e12, 1) == []
 
 
-def test_held_chunks_are_not_stale_and_the_reconciler_tops_up_the_window(store, registry):
+def test_held_chunks_are_not_stale_and_the_reconciler_tops_up_the_window(store, registry, new_job):
     """Chunks held back by the window are not re-sent as lost; a window left short is filled again."""
-    job_id = store.create(model="fussy", version="v1", sha256=store.r.get("test:fussy_sha256").decode(),
-                          options=JobOptions(), metadata={}, source_format="csv", window=1)
+    job_id = new_job(window=1)
     for i in range(3):
         store.add_chunk(job_id, i, 5, _chunk_blob(5 * i, 5))
     store.finish_ingest(job_id, 15, 3)
@@ -252,9 +255,9 @@ def test_held_chunks_are_not_stale_and_the_reconciler_tops_up_the_window(store, 
     assert sent == [1]
 
 
-def test_listing_pages_newest_first(store):
+def test_listing_pages_newest_first(store, new_job):
     """The cursor walks the jobs newest first, filtered by status."""
-    ids = [_new(store) for _ in range(5)]
+    ids = [new_job() for _ in range(5)]
     page, cursor = store.list(limit=2)
     assert [j.id for j in page] == ids[::-1][:2]
     page2, cursor2 = store.list(limit=2, cursor=cursor)
