@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -693,45 +695,58 @@ def prepare(tmp: Path, model: str, n_rows: int, seed: int, data: Path | None) ->
     return models_dir, data, n_rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: which rows, which model, where, and whether to keep the files."""
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate (default 1,000,000)")
     parser.add_argument("--model", default="breast_cancer", help="demo model: breast_cancer (default) or diabetes")
     parser.add_argument("--data", type=Path, help="CSV to use; generated there first if it does not exist")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, results)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
-    args = parser.parse_args(argv)
 
+
+@contextmanager
+def workdir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temporary working directory, removed at the end unless kept; SIGTERM stops the run like Ctrl-C."""
     def _terminate(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    load_before = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="predq-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     log(f"working directory {tmp}")
     try:
-        models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
-
-        log("in-process limit ...")
-        inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
-        if inproc["rows"] != rows:
-            raise RuntimeError(f"pandas read {inproc['rows']} rows, expected {rows}")
-        log(f"in-process: read_csv {inproc['read_csv']:.2f} s, predict {inproc['predict']:.2f} s, "
-            f"write {inproc['write_parquet']:.2f} s, total {inproc['total']:.2f} s")
-
-        log("predq end to end ...")
-        svc = run_service(args, tmp, models_dir, data, rows)
-        report(args, rows, data, inproc, svc, load_before)
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+        yield tmp
     finally:
-        if args.keep:
+        if keep:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data_arguments(parser)
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    try:
+        with workdir("predq-bench-", args.keep) as tmp:
+            models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
+
+            log("in-process limit ...")
+            inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
+            if inproc["rows"] != rows:
+                raise RuntimeError(f"pandas read {inproc['rows']} rows, expected {rows}")
+            log(f"in-process: read_csv {inproc['read_csv']:.2f} s, predict {inproc['predict']:.2f} s, "
+                f"write {inproc['write_parquet']:.2f} s, total {inproc['total']:.2f} s")
+
+            log("predq end to end ...")
+            svc = run_service(args, tmp, models_dir, data, rows)
+            report(args, rows, data, inproc, svc, load_before)
+            return 0
+    except KeyboardInterrupt:
+        log("interrupted; everything started was stopped")
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ import argparse
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -48,10 +46,12 @@ from bench.batch import (
     ProcfileWorker,
     _problem_lines,
     _read_json_lines,
+    data_arguments,
     download,
     log,
     prepare,
     run_in_process,
+    workdir,
 )
 from cli.stack import procfile
 from shared import keys
@@ -645,9 +645,7 @@ def report(args: argparse.Namespace, rows: int, data: Path, runs: list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate (default 1,000,000)")
-    parser.add_argument("--model", default="breast_cancer", help="demo model: breast_cancer (default) or diabetes")
-    parser.add_argument("--data", type=Path, help="CSV to use; generated there first if it does not exist")
+    data_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=20_000, help="rows per chunk (default 20,000)")
     parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between worker kills (default 3)")
     parser.add_argument("--redis-at", type=float, default=0.4,
@@ -655,42 +653,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-down", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds after the 202 before a run is given up as not terminal (default 900)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, results)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
     parser.add_argument("--kill-seed", type=int, default=0, help="seed of the order in which workers are killed")
     args = parser.parse_args(argv)
 
-    def _terminate(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
     load_before = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="predq-chaos-"))
-    log(f"working directory {tmp}")
     try:
-        models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
+        with workdir("predq-chaos-", args.keep) as tmp:
+            models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
 
-        inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
-        table = pq.read_table(tmp / "inprocess.parquet")
-        if inproc["rows"] != rows or table.column("row").to_numpy().tolist() != list(range(rows)):
-            raise RuntimeError(f"the in-process predictions have {inproc['rows']} rows, expected {rows}")
-        expected = table.column("prediction").to_numpy(zero_copy_only=False)
-        log(f"in-process predictions: {rows:,} rows in {inproc['total']:.1f} s")
+            inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
+            table = pq.read_table(tmp / "inprocess.parquet")
+            if inproc["rows"] != rows or table.column("row").to_numpy().tolist() != list(range(rows)):
+                raise RuntimeError(f"the in-process predictions have {inproc['rows']} rows, expected {rows}")
+            expected = table.column("prediction").to_numpy(zero_copy_only=False)
+            log(f"in-process predictions: {rows:,} rows in {inproc['total']:.1f} s")
 
-        runs = []
-        for label, chaos in (("undisturbed", False), ("chaos", True)):
-            log(f"--- {label} ---")
-            runs.append(run(label, chaos, args, tmp, models_dir, data, rows, expected))
-        problems = report(args, rows, data, runs, load_before)
-        return 1 if problems else 0
+            runs = []
+            for label, chaos in (("undisturbed", False), ("chaos", True)):
+                log(f"--- {label} ---")
+                runs.append(run(label, chaos, args, tmp, models_dir, data, rows, expected))
+            problems = report(args, rows, data, runs, load_before)
+            return 1 if problems else 0
     except KeyboardInterrupt:
         log("interrupted; everything started was stopped")
         return 130
-    finally:
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
