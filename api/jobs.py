@@ -38,7 +38,7 @@ from shared.errors import (
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
 from shared.ingest import check_columns, chunk_rows_for, first_batch, store_chunks
 from shared.jobs import TERMINAL, Job, JobOptions, Status
-from shared.readers import Batch, detect_format, open_reader, records_batches
+from shared.readers import Batch, CsvPiece, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
 from shared.runs import create_source_job
 
@@ -68,13 +68,20 @@ def _chunk_rows(svc: Services, req: schemas.JobRequest, n_columns: int) -> int:
     return chunk_rows_for(n_columns, req.chunk_size, s.CHUNK_SIZE, s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS)
 
 
+def _wanted(mv: ModelVersion, req: schemas.JobRequest) -> list[str]:
+    return [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
+
+
 def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_format: str,
-            batches: Iterable[Batch], chunk_rows: int, claim: Claim | None) -> Job:
+            batches: Iterable[Batch | CsvPiece], chunk_rows: int, claim: Claim | None,
+            columns: list[str] | None = None) -> Job:
     """Create the job at the first batch, store and send each chunk as it fills, and close the input.
 
-    Any error before the input is complete removes the job and everything it wrote.
+    `columns` are the file's own (CSV pieces are stored unparsed, with them). Any error before the input is
+    complete removes the job and everything it wrote.
     """
     s = svc.settings
+    wanted = _wanted(mv, req)
     first, rest = first_batch(batches)
     options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
                          max_error_rate=req.max_error_rate)
@@ -87,9 +94,9 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
             svc.idempotency.renew(claim)
 
     try:
-        chunker = store_chunks(svc.store, job_id, mv, first, rest, chunk_rows=chunk_rows,
-                               compression=s.CHUNK_COMPRESSION, send=partial(send_chunk, svc.celery),
-                               before_chunk=before_chunk)
+        chunker = store_chunks(svc.store, job_id, mv, first, rest, columns=columns or wanted, wanted=wanted,
+                               chunk_rows=chunk_rows, compression=s.CHUNK_COMPRESSION,
+                               send=partial(send_chunk, svc.celery), before_chunk=before_chunk)
         svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
         svc.durability.wait()
     except BaseException:
@@ -124,7 +131,7 @@ def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
                                details={"fields": [{"name": "rows", "code": "missing", "message": "Field required"}]})
     if not req.rows:
         raise EmptyInput("'rows' is empty; send at least one object.")
-    wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
+    wanted = _wanted(mv, req)
     if req.id_column and not any(isinstance(r, dict) and req.id_column in r for r in req.rows):
         check_columns(mv, [f.name for f in mv.features], req.id_column)
     size = _chunk_rows(svc, req, len(wanted))
@@ -150,7 +157,8 @@ def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
                                details={"fields": [{"name": "file", "code": "missing", "message": "Field required"}]})
     fingerprint = Fingerprint({"query": sorted(request.args.items(multi=True)), "fields": upload.fields,
                                "filename": upload.filename})
-    stream = HashingStream(upload.file(), fingerprint)
+    # Only a request with an Idempotency-Key is compared with an earlier one, so only then is the file hashed.
+    stream = HashingStream(upload.file(), fingerprint if claim is not None else None)
     if claim is not None and not claim.acquired:
         stream.drain()
         return _earlier_job(claim, fingerprint.hexdigest())
@@ -160,13 +168,15 @@ def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     _check_options(req)
     mv = _resolve_model(req)
     fmt = detect_format(upload.filename, upload.content_type)
-    wanted = [f.name for f in mv.features] + ([req.id_column] if req.id_column else [])
+    wanted = _wanted(mv, req)
     size = _chunk_rows(svc, req, len(wanted))
-    # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived.
-    reader = open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR)
+    # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived; CSV is cut into
+    # pieces that workers parse.
+    reader = open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR,
+                         split_csv=True)
     with reader:
         check_columns(mv, reader.columns, req.id_column)
-        job = _ingest(svc, mv, req, fmt, reader, size, claim)
+        job = _ingest(svc, mv, req, fmt, reader, size, claim, columns=reader.columns)
     stream.drain()
     return job, fingerprint.hexdigest(), True
 

@@ -146,9 +146,9 @@ class MultipartUpload:
 
 
 class HashingStream(io.RawIOBase):
-    """Passes a stream's bytes through, adding each to a digest on the way."""
+    """Passes a stream's bytes through, adding each to a digest on the way (none: nothing to hash)."""
 
-    def __init__(self, stream: io.RawIOBase, digest: Any):
+    def __init__(self, stream: io.RawIOBase, digest: Any | None):
         self._stream = stream
         self._digest = digest
 
@@ -157,8 +157,8 @@ class HashingStream(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         n = self._stream.readinto(b)
-        if n:
-            self._digest.update(bytes(memoryview(b)[:n]))
+        if n and self._digest is not None:
+            self._digest.update(memoryview(b)[:n])
         return n
 
     def drain(self) -> None:

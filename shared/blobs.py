@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pyarrow as pa
 
 ROW = "__row"  # each row's 0-based position in the input
 JSON_MIXED_KEY = b"predq.json_mixed"  # schema metadata: columns holding JSON texts of mixed JSON types
 _PRE_ERRORS = b"predq.row_errors"
+_CSV = b"predq-csv/1\n"  # unparsed CSV records: this, a JSON line describing them, then their bytes
 
 
 def json_mixed_columns(schema: pa.Schema) -> frozenset[str]:
@@ -35,3 +37,26 @@ def decode(blob: bytes) -> tuple[pa.Table, list[tuple[int, str, str]]]:
     meta = table.schema.metadata or {}
     errors = [tuple(e) for e in json.loads(meta[_PRE_ERRORS])] if _PRE_ERRORS in meta else []
     return table, errors
+
+
+def encode_csv(data: bytes, layout: dict[str, Any], compression: str | None = "zstd") -> bytes:
+    """Unparsed CSV records and what reading them needs (columns, positions), compressed like Arrow blobs."""
+    codec = None if compression in (None, "none") else compression
+    payload = pa.Codec(codec).compress(data, asbytes=True) if codec else data
+    head = json.dumps({**layout, "codec": codec, "size": len(data)}).encode()
+    return _CSV + head + b"\n" + payload
+
+
+def is_csv(blob: bytes) -> bool:
+    return blob.startswith(_CSV)
+
+
+def decode_csv(blob: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The records' bytes and their layout, as given to encode_csv."""
+    end = blob.index(b"\n", len(_CSV))
+    layout = json.loads(blob[len(_CSV):end])
+    payload = memoryview(blob)[end + 1:]
+    codec = layout.pop("codec")
+    data = pa.Codec(codec).decompress(payload, decompressed_size=layout.pop("size"), asbytes=True) if codec \
+        else bytes(payload)
+    return data, layout

@@ -11,10 +11,26 @@ from shared import blobs
 from shared.errors import ModelNotFound
 from shared.jobs import Job, JobStore
 from shared.prediction import predict, validate
+from shared.readers import CsvPiece, parse_csv_piece
 from shared.registry import ModelVersion, Registry
 
 log = logging.getLogger(__name__)
 Send = Callable[[str, int], None]
+
+
+def read_input(blob: bytes, parse: bool = True) -> tuple[pa.Table, list]:
+    """A chunk's rows (with ``__row``) and the row errors found in reading them.
+
+    CSV pieces are parsed here, in the worker. With parse=False (a chunk that failed every attempt, which may
+    be the parse's fault) a piece gives only its row positions.
+    """
+    if not blobs.is_csv(blob):
+        return blobs.decode(blob)
+    data, layout = blobs.decode_csv(blob)
+    piece = CsvPiece(data, layout["rows"], layout["base"])
+    if not parse:
+        return pa.table({blobs.ROW: pa.array(range(piece.base, piece.base + piece.rows), type=pa.int64())}), []
+    return parse_csv_piece(piece, layout["columns"], layout["wanted"], layout["floats"])
 
 
 def _id_values(table: pa.Table, id_column: str | None, positions: np.ndarray) -> pa.Array | None:
@@ -88,7 +104,7 @@ def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Sen
     blob = store.input_blob(job_id, index)
     if job is None or blob is None:
         return "gone"
-    table, pre_errors = blobs.decode(blob)
+    table, pre_errors = read_input(blob, parse=False)
     errors = failed_chunk_errors(table, pre_errors, job, message)
     return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
 
@@ -118,10 +134,10 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
     job = store.get(job_id)
     if job is None:
         return "gone"
-    table, pre_errors = blobs.decode(blob)
     if outcome == "poison":
         message = f"the chunk could not be processed after {attempt - 1} attempts"
         log.error("job %s chunk %d: %s; its rows fail", job_id, index, message)
+        table, pre_errors = read_input(blob, parse=False)
         errors = failed_chunk_errors(table, pre_errors, job, message)
         return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
     try:
@@ -133,6 +149,7 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
                    f"not the {job.sha256[:12]}... the job was created with.")
         log.error("job %s chunk %d refused: %s", job_id, index, message)
         return _fail_job(store, job_id, index, "model_not_found", message)
+    table, pre_errors = read_input(blob)
     results, errors = score_table(mv, table, pre_errors, job, max_predict_calls)
     return _commit(
         store, send, job_id, index, results.num_rows, errors.num_rows,

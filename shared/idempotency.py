@@ -32,7 +32,7 @@ class Fingerprint:
     def __init__(self, options: dict) -> None:
         self._hash = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self._hash.update(data)
 
     def hexdigest(self) -> str:

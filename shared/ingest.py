@@ -21,7 +21,7 @@ from shared.errors import (
     PredqError,
 )
 from shared.jobs import JobStore
-from shared.readers import Batch, RowError, detect_format, open_reader
+from shared.readers import Batch, CsvPiece, RowError, detect_format, open_reader
 from shared.registry import ModelVersion, Registry
 from shared.sources import check_allowed, open_source
 
@@ -61,14 +61,20 @@ class Chunker:
     """Collects row batches into chunks of `chunk_rows` rows and hands each finished chunk to `emit`."""
 
     chunk_rows: int
-    emit: Callable[[int, pa.Table, list[RowError]], None]
+    emit: Callable[[int, pa.Table | CsvPiece, list[RowError]], None]
     total_rows: int = 0
     chunks: int = 0
     _tables: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
     _errors: list[RowError] = field(default_factory=list)
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: Batch | CsvPiece) -> None:
+        if isinstance(batch, CsvPiece):
+            # Already cut to size by the splitter, which hands out pieces before any parsed batch.
+            self.emit(self.chunks, batch, [])
+            self.chunks += 1
+            self.total_rows += batch.rows
+            return
         if self._tables and batch.table.num_rows and not batch.table.schema.equals(self._tables[0].schema, check_metadata=True):
             # Batches typed differently (JSON Lines blocks of mixed types) cannot share a chunk.
             self._flush(self._pending_rows)
@@ -148,28 +154,38 @@ class BackgroundEmitter:
         self._futures = []
 
 
-def first_batch(batches: Iterable[Batch]) -> tuple[Batch, Iterator[Batch]]:
+def first_batch(batches: Iterable[Batch | CsvPiece]) -> tuple[Batch | CsvPiece, Iterator[Batch | CsvPiece]]:
     """The first batch that holds a row (or a row error), and the rest; EmptyInput when there is none."""
     iterator = iter(batches)
     for batch in iterator:
-        if batch.table.num_rows or batch.errors:
+        if batch.rows if isinstance(batch, CsvPiece) else (batch.table.num_rows or batch.errors):
             return batch, iterator
     raise EmptyInput("The input has no rows.")
 
 
-def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch, rest: Iterator[Batch], *,
-                 chunk_rows: int, compression: str, send: Callable[[str, int], None],
+def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | CsvPiece,
+                 rest: Iterator[Batch | CsvPiece], *, columns: list[str], wanted: list[str], chunk_rows: int,
+                 compression: str, send: Callable[[str, int], None],
                  before_chunk: Callable[[], None] = lambda: None) -> Chunker:
     """Store the input as chunks of a job, sending each chunk's message as the job's window allows.
 
-    Parsing goes on in the caller's thread while casting, compressing and storing run on another. Returns the
-    chunker, which knows the totals; the caller closes the input with JobStore.finish_ingest.
+    Reading goes on in the caller's thread while casting, compressing and storing run on another. CSV pieces
+    are stored as they came, with what a worker needs to parse them: the file's `columns`, the `wanted` ones,
+    and which of those to read as numbers. Returns the chunker, which knows the totals; the caller closes the
+    input with JobStore.finish_ingest.
     """
-    def emit(index: int, table: pa.Table, row_errors: list) -> None:
+    layout = {"columns": columns, "wanted": wanted,
+              "floats": [f.name for f in mv.features if f.dtype in ("float64", "int64")]}
+
+    def emit(index: int, item: pa.Table | CsvPiece, row_errors: list) -> None:
         before_chunk()
-        table = narrow_numeric_text(table, mv)
-        blob = blobs.encode(table, compression, row_errors)
-        outcome, to_send = store.add_chunk(job_id, index, table.num_rows + len(row_errors), blob)
+        if isinstance(item, CsvPiece):
+            blob, rows = blobs.encode_csv(item.data, {**layout, "base": item.base, "rows": item.rows},
+                                          compression), item.rows
+        else:
+            table = narrow_numeric_text(item, mv)
+            blob, rows = blobs.encode(table, compression, row_errors), table.num_rows + len(row_errors)
+        outcome, to_send = store.add_chunk(job_id, index, rows, blob)
         for next_index in to_send:
             send(job_id, next_index)
         if outcome == "gone":
@@ -228,11 +244,11 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
         wanted = [f.name for f in mv.features] + ([job.options.id_column] if job.options.id_column else [])
         size = chunk_rows(len(wanted), job.options.chunk_size)
         with open_source(job.source) as stream, open_reader(fmt, stream, wanted=wanted, batch_rows=size,
-                                                            spool_dir=spool_dir) as reader:
+                                                            spool_dir=spool_dir, split_csv=True) as reader:
             check_columns(mv, reader.columns, job.options.id_column)
             first, rest = first_batch(reader)
-            chunker = store_chunks(store, job_id, mv, first, rest, chunk_rows=size, compression=compression,
-                                   send=send)
+            chunker = store_chunks(store, job_id, mv, first, rest, columns=reader.columns, wanted=wanted,
+                                   chunk_rows=size, compression=compression, send=send)
         return store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
     except PredqError as e:
         store.stop(job_id, "fail", e.code, e.message)

@@ -46,6 +46,7 @@ _PEEK = 64 << 10            # bytes read at a time while looking for the CSV hea
 _MAX_HEADER = 1 << 20       # a header longer than this is taken for a file that is not CSV
 _CSV_BLOCK = 2 << 20        # pyarrow's CSV block; a single record must fit in one
 _CSV_AHEAD = 8              # blocks read but not yet parsed, at most (bounds an upload's memory)
+_SPLIT_BLOCK = 1 << 20      # bytes the splitter reads at a time
 _CSV_NULLS = ["", "NA", "N/A", "null", "NULL", "None"]
 _JSON_BLOCK = 4 << 20       # bytes of whole lines parsed at once
 _JSON_ARROW_BLOCK = 1 << 20  # pyarrow's unit of parallel parsing within a block
@@ -54,6 +55,8 @@ _SPOOL_PIECE = 1 << 20
 
 _LINE_BREAK = re.compile(rb"[\r\n]")
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
+_EMPTY_LINE = re.compile(rb"\n\n")          # (a regular expression finds it faster than bytes.find)
+_EMPTY_LINE_CR = re.compile(rb"\n\r?\n")
 _BLANK_FIRST_LINE = re.compile(rb"[ \t\r]*\n")
 _UNHANDLED_ROW = re.compile(r"Expected \d+ columns, got \d+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
@@ -133,12 +136,16 @@ class Reader:
 
 
 def open_reader(fmt: str, stream: BinaryIO, *, wanted: list[str] | None = None,
-                batch_rows: int = 65536, spool_dir: str | None = None) -> Reader:
-    """A reader over the stream, having read just enough of it to know the file's columns."""
+                batch_rows: int = 65536, spool_dir: str | None = None, split_csv: bool = False) -> Reader:
+    """A reader over the stream, having read just enough of it to know the file's columns.
+
+    With split_csv, CSV comes as CsvPiece items of batch_rows records for workers to parse (parse_csv_piece),
+    as far as the file allows, and as Batch items after that.
+    """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     if fmt == "csv":
-        return _CsvReader(stream, wanted, batch_rows)
+        return _CsvSplitter(stream, wanted, batch_rows) if split_csv else _CsvReader(stream, wanted, batch_rows)
     if fmt == "jsonl":
         return _JsonlReader(stream, wanted, batch_rows)
     if fmt == "parquet":
@@ -264,16 +271,9 @@ class _Replay(io.RawIOBase):
         # Short reads would make pyarrow parse tiny blocks, so fill every read.
         if len(out) < size:
             out += _read_full(self._stream, size - len(out))
-        self._check_utf8(out)
+        _check_utf8(self._utf8, out, self._offset)
+        self._offset += len(out)
         return out
-
-    def _check_utf8(self, data: bytes) -> None:
-        """Refuse text that is not UTF-8 here: pyarrow cannot even report such a row to the row handler."""
-        try:
-            self._utf8.decode(data, final=not data)
-        except UnicodeDecodeError as exc:
-            raise InvalidFile(f"The file is not UTF-8 text (byte {self._offset + exc.start} after the header).") from exc
-        self._offset += len(data)
 
     def at_end(self) -> bool:
         """Whether nothing at all is left to read."""
@@ -285,12 +285,23 @@ class _Replay(io.RawIOBase):
 class _CsvReader(Reader):
     """CSV with a header row, parsed by pyarrow's streaming reader with every kept column as text."""
 
-    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int):
-        header, rest = _read_header(stream)
-        super().__init__(header, wanted, batch_rows)
+    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, *,
+                 columns: list[str] | None = None, base: int = 0, floats: Sequence[str] = ()):
+        """With `columns`, the stream starts after the header, its first record at input position `base`.
+
+        Columns named in `floats` are parsed as float64 directly; a cell that is not a number raises
+        _NotNumbers (the caller reads them as text instead, for validation to name the bad cells).
+        """
+        if columns is None:
+            columns, rest = _read_header(stream)
+        else:
+            rest = b""
+        super().__init__(columns, wanted, batch_rows)
         self._source = _Replay(rest, stream)
+        self._floats = set(floats)
+        self._base = base
         self._good = 0                 # good rows positioned so far
-        self._skipped = 0              # malformed rows before every good row still to come
+        self._skipped = base           # malformed rows before every good row still to come, plus base
         self._bad: list[int] = []      # positions of the other malformed rows seen so far, in order
 
     def _pieces(self) -> Iterator[pa.Table]:
@@ -305,7 +316,8 @@ class _CsvReader(Reader):
                 read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK, use_threads=False, column_names=self.columns),
                 parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=self._on_invalid_row),
                 convert_options=pacsv.ConvertOptions(
-                    include_columns=include, column_types={c: pa.string() for c in include},
+                    include_columns=include,
+                    column_types={c: pa.float64() if c in self._floats else pa.string() for c in include},
                     null_values=_CSV_NULLS, strings_can_be_null=True),
             )
             for batch in reader:
@@ -313,6 +325,8 @@ class _CsvReader(Reader):
                 table = pa.Table.from_batches([batch]).select(self._keep)
                 yield table.append_column(ROW, pa.array(self._positions(batch.num_rows)))
         except pa.ArrowException as exc:
+            if self._floats and "CSV conversion error" in str(exc):
+                raise _NotNumbers() from exc
             raise _csv_error(exc) from exc
         finally:
             self._source.release()  # before pyarrow's reader goes, in case its thread waits to read
@@ -321,7 +335,7 @@ class _CsvReader(Reader):
         """Skip a record with the wrong number of fields, noting its position."""
         # Single-threaded, row.number is the record's 1-based ordinal after the header: blank lines are not
         # counted and a quoted value spanning lines counts once, so the position is exact in every case.
-        position = row.number - 1
+        position = self._base + row.number - 1
         self._bad.append(position)
         # Header is line 1: this is the physical line unless blank lines or multi-line values come before.
         self._pending.append(RowError(position, "malformed_row",
@@ -345,7 +359,190 @@ class _CsvReader(Reader):
         return positions
 
     def _schema(self) -> pa.Schema:
-        return pa.schema([(c, pa.string()) for c in self._keep] + [(ROW, pa.int64())])
+        return pa.schema([(c, pa.float64() if c in self._floats else pa.string()) for c in self._keep]
+                         + [(ROW, pa.int64())])
+
+
+class _NotNumbers(Exception):
+    """A column parsed as float64 has a cell that is not a number."""
+
+
+class CsvPiece(NamedTuple):
+    """Whole CSV records exactly as sent, left for a worker to parse: `rows` records, the first at `base`."""
+
+    data: bytes
+    rows: int
+    base: int
+
+
+class _CsvSplitter(Reader):
+    """A CSV upload cut at record boundaries into pieces of batch_rows records, without parsing it.
+
+    Parsing is the costly part of reading CSV; left to the workers, it runs on every core instead of on the
+    request's thread. Records can be counted without a parser while the text has no quote and no lone carriage
+    return: then every line feed ends a line, and a line is a record unless it is empty (pyarrow skips those).
+    From the first block with either, the rest of the file is parsed here (_CsvReader, positions following on).
+    Text that is not UTF-8 is refused here, as by _CsvReader, so that it never reaches a worker.
+    """
+
+    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int):
+        header, rest = _read_header(stream)
+        super().__init__(header, wanted, batch_rows)
+        self._stream = stream
+        self._head = rest
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._offset = 0
+        self._parser: _CsvReader | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # CsvPiece items, then Batch items if the file needs parsing here
+        if self._batches is not None:
+            raise RuntimeError("a reader can only be iterated once")
+        self._batches = self._items()
+        return self._batches
+
+    def _release(self) -> None:
+        if self._parser is not None:
+            self._parser.close()
+
+    def _next_block(self) -> bytes:
+        block, self._head = self._head, b""
+        if len(block) < _SPLIT_BLOCK:
+            block += _read_full(self._stream, _SPLIT_BLOCK - len(block))
+        if block.endswith(b"\r"):  # keep a CRLF together, or it would look like a lone CR
+            block += _read_full(self._stream, 1)
+        _check_utf8(self._utf8, block, self._offset)
+        self._offset += len(block)
+        return block
+
+    def _items(self) -> Generator[Any, None, None]:
+        base = 0                 # input position of the first record not yet in a piece
+        held: list[bytes] = []   # whole lines not yet in a piece (the last may lack its line feed at the end)
+        held_rows = 0
+        last = b"\n"             # the byte before the current block (the header's line feed at first)
+        while block := self._next_block():
+            cr = b"\r" in block
+            if b'"' in block or (cr and block.count(b"\r") != block.count(b"\r\n")):
+                yield from self._parse_rest(b"".join(held) + block, base)
+                return
+            plain = not _has_empty_line(block, last, cr)
+            count = block.count(b"\n") if plain else -1
+            if count < 0 or held_rows + count >= self._batch_rows:  # a piece ends in this block
+                ends = _record_ends(block, last, plain)
+                start = 0
+                while held_rows + len(ends) >= self._batch_rows:
+                    take = self._batch_rows - held_rows
+                    cut = int(ends[take - 1]) + 1
+                    held.append(block[start:cut])
+                    yield CsvPiece(b"".join(held), self._batch_rows, base)
+                    base += self._batch_rows
+                    held, held_rows = [], 0
+                    ends, start = ends[take:], cut
+                held.append(block[start:])
+                held_rows += len(ends)
+            else:
+                held.append(block)
+                held_rows += count
+            last = block[-1:]
+        tail = b"".join(held)
+        if tail and not tail.endswith(b"\n") and tail.rsplit(b"\n", 1)[-1] not in (b"", b"\r"):
+            held_rows += 1  # the last record has no line feed
+        if held_rows:
+            yield CsvPiece(tail, held_rows, base)
+
+    def _parse_rest(self, head: bytes, base: int) -> Generator[Batch, None, None]:
+        stream = _Joined(head, self._stream, self._utf8, self._offset)
+        self._parser = _CsvReader(stream, self._keep, self._batch_rows, columns=self.columns, base=base)
+        yield from self._parser
+
+
+def _has_empty_line(block: bytes, before: bytes, cr: bool) -> bool:
+    """Whether a line that ends in block is empty ("" or the CR of a CRLF); `before` is the byte before block.
+
+    `cr`: block has a carriage return (only then can a line be the CR of a CRLF alone).
+    """
+    if before == b"\n" and block[:1] in (b"\n", b"\r"):
+        return True
+    return (_EMPTY_LINE_CR if cr else _EMPTY_LINE).search(block) is not None
+
+
+def _record_ends(block: bytes, before: bytes, plain: bool) -> np.ndarray:
+    """Offsets of the line feeds in block that end a non-empty line (block has no quote and no lone CR).
+
+    `plain`: block has no empty line (_has_empty_line), so every line feed ends a record.
+    """
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(data == 10)
+    if plain or not len(ends):
+        return ends
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    length = ends - starts
+    empty = (length == 0) | ((length == 1) & (data[starts] == 13))
+    if before != b"\n":  # the first line began in the previous block, so it is not empty here
+        empty[0] = False
+    return ends[~empty]
+
+
+class _Joined(io.RawIOBase):
+    """Bytes already read (and checked), then the rest of a stream, checked as UTF-8 by the splitter's decoder."""
+
+    def __init__(self, head: bytes, stream: BinaryIO, decoder: codecs.IncrementalDecoder, offset: int):
+        super().__init__()
+        self._head, self._stream, self._decoder, self._offset = head, stream, decoder, offset
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            out, self._head = self._head[:size], self._head[size:]
+            return out
+        out = self._stream.read(size)
+        _check_utf8(self._decoder, out, self._offset)
+        self._offset += len(out)
+        return out
+
+
+def _check_utf8(decoder: codecs.IncrementalDecoder, data: bytes, offset: int) -> None:
+    """Refuse text that is not UTF-8 (pyarrow cannot even report such a row to the row handler)."""
+    if data and data.isascii() and not decoder.getstate()[0]:
+        return  # ASCII is UTF-8, and no multi-byte character is open: nothing to decode
+    try:
+        decoder.decode(data, final=not data)
+    except UnicodeDecodeError as exc:
+        raise InvalidFile(f"The file is not UTF-8 text (byte {offset + exc.start} after the header).") from exc
+
+
+def parse_csv_piece(piece: CsvPiece, columns: list[str], wanted: list[str],
+                    floats: Sequence[str]) -> tuple[pa.Table, list[RowError]]:
+    """A piece's rows (wanted columns and ``__row``) and malformed records, as _CsvReader reads them.
+
+    Numeric columns are parsed as float64; if one of them has a cell that is not a number, the piece is read
+    again with every column as text. A piece whose record count differs from the splitter's (which cannot
+    happen for text the splitter leaves unparsed) has every row reported as malformed rather than misplaced.
+    """
+    for typed in (floats, ()):
+        reader = _CsvReader(io.BytesIO(piece.data), wanted, max(piece.rows, 1), columns=columns, base=piece.base,
+                            floats=typed)
+        try:
+            with reader:
+                batches = list(reader)
+        except _NotNumbers:
+            continue
+        except InvalidFile as exc:
+            return _unreadable(piece, reader, exc.message)
+        tables = [b.table for b in batches if b.table.num_rows]
+        table = pa.concat_tables(tables) if tables else reader._schema().empty_table()
+        errors = [e for b in batches for e in b.errors]
+        if table.num_rows + len(errors) != piece.rows:
+            return _unreadable(piece, reader, f"found {table.num_rows + len(errors)} records where "
+                                              f"{piece.rows} were counted")
+        return table, errors
+    raise AssertionError("a piece read as text has no conversion error")
+
+
+def _unreadable(piece: CsvPiece, reader: _CsvReader, reason: str) -> tuple[pa.Table, list[RowError]]:
+    return reader._schema().empty_table(), [RowError(piece.base + i, "malformed_row", f"this part of the file "
+                                                     f"cannot be read as CSV: {reason}") for i in range(piece.rows)]
 
 
 def _read_header(stream: BinaryIO) -> tuple[list[str], bytes]:
@@ -598,11 +795,11 @@ class _ParquetReader(Reader):
 
     def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, spool_dir: str | None):
         self._path: str | None = _spool(stream, spool_dir)
-        self._source: pa.MemoryMappedFile | None = None
+        self._source: pa.NativeFile | None = None
         try:
             if not os.path.getsize(self._path):
                 raise InvalidFile("The file is empty.")
-            self._source = pa.memory_map(self._path)
+            self._source = pa.OSFile(self._path)  # not mapped: mapped pages would count in the process's memory
             self._file = _open_parquet(self._source)
             super().__init__(self._file.schema_arrow.names, wanted, batch_rows)
         except BaseException:
@@ -612,7 +809,7 @@ class _ParquetReader(Reader):
     def _pieces(self) -> Iterator[pa.Table]:
         position = 0
         try:
-            for batch in self._file.iter_batches(batch_size=self._batch_rows, columns=self._keep):
+            for batch in self._file.iter_batches(batch_size=self._batch_rows, columns=self._keep, use_threads=False):
                 rows = pa.array(np.arange(position, position + batch.num_rows, dtype=np.int64))
                 position += batch.num_rows
                 yield pa.Table.from_batches([batch]).append_column(ROW, rows)
@@ -644,7 +841,9 @@ def _spool(stream: BinaryIO, spool_dir: str | None) -> str:
 def _open_parquet(source: pa.NativeFile) -> pq.ParquetFile:
     """The Parquet file's reader, or InvalidFile when its footer or schema cannot be read."""
     try:
-        return pq.ParquetFile(source)
+        # Column chunks are read through a small buffer, not whole: a file written as one big row group (pandas'
+        # default) is then read in memory of the order of a batch, not of the row group.
+        return pq.ParquetFile(source, buffer_size=_SPOOL_PIECE, pre_buffer=False)
     except pa.ArrowException as exc:
         raise InvalidFile("The file is not a Parquet file, or it is truncated.",
                           details={"reason": _detail(exc)}) from exc

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     SYNC_MAX_ROWS: int = Field(1000, ge=1)
     RESULT_TTL: int = Field(7 * 24 * 3600, ge=60, description="Seconds a finished job and its results are kept.")
     CHUNK_SIZE: int = Field(0, ge=0, description="Rows per chunk; 0 picks it from the row width.")
-    CHUNK_TARGET_CELLS: int = Field(2_000_000, ge=1000, description="Cells per chunk when CHUNK_SIZE is 0.")
+    CHUNK_TARGET_CELLS: int = Field(500_000, ge=1000, description="Cells per chunk when CHUNK_SIZE is 0.")
     MAX_CHUNK_ROWS: int = Field(200_000, ge=1)
     CHUNK_COMPRESSION: str = Field("zstd", pattern="^(zstd|lz4|none)$")
     MAX_CHUNK_ATTEMPTS: int = Field(3, ge=1, description="Deliveries of one chunk before its rows fail.")
