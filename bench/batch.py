@@ -1,6 +1,6 @@
 """Batch benchmark: one CSV scored in-process (the limit) and through predq end to end, side by side.
 
-    .venv/bin/python bench/batch.py [--rows N] [--model breast_cancer|diabetes] [--data PATH]
+    .venv/bin/python bench/batch.py [--rows N] [--model hgb20|breast_cancer|diabetes] [--data PATH]
                                     [--chunk-size ROWS] [--keep]
 
 1. In-process limit: pandas.read_csv(engine="pyarrow") + model.predict + Parquet write, in one fresh process.
@@ -20,6 +20,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `python bench/batch.py`
     sys.path.insert(0, str(REPO_ROOT))
 
+import joblib
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -56,6 +58,7 @@ NOISE = 0.02            # gaussian noise, as a fraction of each feature's standa
 SIGNIFICANT_DIGITS = 6  # values are written with about this many significant digits
 GEN_BLOCK = 100_000     # rows generated and written at a time
 TERMINAL = {"succeeded", "partially_succeeded", "failed", "cancelled"}
+DOWNLOADS = 3           # each download (and its in-process limit) is timed this many times; the median is reported
 
 
 def log(msg: str) -> None:
@@ -66,14 +69,35 @@ def log(msg: str) -> None:
 # Input data
 # --------------------------------------------------------------------------------------------------
 
+HGB20 = "hgb20"  # HistGradientBoostingClassifier on 20 gaussian features f0..f19, y = f0 + f1 > 0
+MODELS = (HGB20, "breast_cancer", "diabetes")
+
+
+def hgb20_frame(rows: int = 20_000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(rng.standard_normal((rows, 20)), columns=[f"f{i}" for i in range(20)])
+
+
+def install_hgb20(models_dir: Path) -> None:
+    """The benchmark's reference model: 20 numeric features, 100 boosting iterations."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    frame = hgb20_frame()
+    model = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(frame, (frame.f0 + frame.f1 > 0).astype(int))
+    target = models_dir / HGB20 / "v1"
+    target.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, target / "model.joblib")
+
+
 def source_frame(model: str) -> pd.DataFrame:
-    """The scikit-learn dataset a demo model was trained on."""
+    """The data a benchmark model was trained on."""
     from sklearn.datasets import load_breast_cancer, load_diabetes
 
-    loaders = {"breast_cancer": load_breast_cancer, "diabetes": load_diabetes}
+    loaders = {HGB20: hgb20_frame, "breast_cancer": lambda: load_breast_cancer(as_frame=True).data,
+               "diabetes": lambda: load_diabetes(as_frame=True).data}
     if model not in loaders:
-        raise SystemExit(f"--model must be one of {', '.join(loaders)} (the demo models)")
-    return loaders[model](as_frame=True).data
+        raise SystemExit(f"--model must be one of {', '.join(loaders)}")
+    return loaders[model]()
 
 
 def generate_csv(path: Path, model: str, features: list[str], rows: int, seed: int) -> None:
@@ -117,14 +141,26 @@ def in_process(models_dir: str, model: str, data: str, out: str) -> dict[str, An
     mv = Registry(models_dir).get(model)
     features = [f.name for f in mv.features]
     t0 = time.perf_counter()
-    frame = pd.read_csv(data, engine="pyarrow")
+    frame = pd.read_parquet(data) if data.endswith(".parquet") else pd.read_csv(data, engine="pyarrow")
     t1 = time.perf_counter()
     predictions = mv.estimator.predict(frame[features])
     t2 = time.perf_counter()
     table = pa.table({"row": pa.array(np.arange(len(frame), dtype=np.int64)), "prediction": pa.array(predictions)})
     pq.write_table(table, out, compression="zstd")
     t3 = time.perf_counter()
+    # The download limits: the results read back and written in each download format, in process (median).
+    def timed(write) -> float:
+        times = []
+        for _ in range(DOWNLOADS):
+            start = time.perf_counter()
+            write(pd.read_parquet(out))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    results_parquet = timed(lambda f: f.to_parquet(out + ".copy.parquet", compression="zstd"))
+    results_jsonl = timed(lambda f: f.to_json(out + ".jsonl", orient="records", lines=True))
     return {"rows": len(frame), "read_csv": t1 - t0, "predict": t2 - t1, "write_parquet": t3 - t2, "total": t3 - t0,
+            "results_parquet": results_parquet, "results_jsonl": results_jsonl,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "parquet_bytes": os.path.getsize(out)}
 
@@ -170,7 +206,12 @@ class ProcfileWorker(CeleryWorker):
         return ["bash", "-c", procfile(REPO_ROOT / "Procfile")["worker"]]
 
     def environment(self) -> dict[str, str]:
-        return _procfile_env(super().environment())
+        env = _procfile_env(super().environment())
+        if self.pool_processes:
+            env["WORKER_CONCURRENCY"] = str(self.pool_processes)
+        return env
+
+    pool_processes: int | None = None  # None: the Procfile's default
 
 
 class MultipartBody:
@@ -370,6 +411,20 @@ def download(session: requests.Session, url: str, dest: Path | None) -> tuple[fl
     return time.perf_counter() - t0, size, lines
 
 
+def redis_traffic(client, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Redis commands by name and bytes in and out so far (INFO commandstats and stats), or since `before`.
+
+    The counts include this benchmark's own reads (its status polls go through the API, as a user's would).
+    """
+    calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
+    stats = client.info("stats")
+    now = {"calls": calls, "in": stats["total_net_input_bytes"], "out": stats["total_net_output_bytes"]}
+    if before is None:
+        return now
+    return {"calls": {k: v - before["calls"].get(k, 0) for k, v in calls.items() if v - before["calls"].get(k, 0)},
+            "in": now["in"] - before["in"], "out": now["out"] - before["out"]}
+
+
 def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Path, rows: int) -> dict[str, Any]:
     logs = tmp / "logs"
     started: list = []
@@ -385,6 +440,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         web.start()
         log(f"web: {web.url} (gunicorn master pid {web.pid}, workers {web.worker_pids()})")
         worker = ProcfileWorker(server.url, models_dir=str(models_dir), log_dir=str(logs))
+        worker.pool_processes = args.workers
         started.append(worker)
         worker.start()
         log(f"worker: celery main pid {worker.pid}, pool children {worker.child_pids()}")
@@ -402,6 +458,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         session = requests.Session()
         log(f"uploading {body.length / MiB:.1f} MiB ({rows} rows) to POST /v1/jobs")
         cpu_before, self_before = cpu_seconds(groups), _self_cpu()
+        redis_before = redis_traffic(client)
         poller.start()
         r = session.post(f"{web.url}/v1/jobs", data=body, headers={"Content-Type": body.content_type},
                          timeout=(30, 3600))
@@ -428,6 +485,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         final = poller.terminal_job
         assert terminal_at is not None and final is not None
         log(f"terminal after {terminal_at - first:.1f} s: {final['status']} counts={final['counts']}")
+        redis_job = redis_traffic(client, redis_before)
         redis_after_job = client.info("memory")
         results_key = keys.results(job["id"])
         fields_ = client.hkeys(results_key)
@@ -438,12 +496,15 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
 
         sampler.set_phase("parquet")
         pq_path = tmp / "predq-results.parquet"
-        pq_seconds, pq_bytes, _ = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=parquet", pq_path)
+        runs = [download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=parquet", pq_path)
+                for _ in range(DOWNLOADS)]
+        pq_seconds, pq_bytes = statistics.median(r[0] for r in runs), runs[-1][1]
         pq_rows = pq.read_metadata(pq_path).num_rows
-        log(f"parquet download: {pq_seconds:.1f} s, {pq_bytes / MiB:.1f} MiB, {pq_rows} rows")
+        log(f"parquet download: median {pq_seconds:.2f} s of {DOWNLOADS}, {pq_bytes / MiB:.1f} MiB, {pq_rows} rows")
         sampler.set_phase("jsonl")
-        js_seconds, js_bytes, js_rows = download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=jsonl", None)
-        log(f"jsonl download: {js_seconds:.1f} s, {js_bytes / MiB:.1f} MiB, {js_rows} rows")
+        runs = [download(session, f"{web.url}/v1/jobs/{job['id']}/results?format=jsonl", None) for _ in range(DOWNLOADS)]
+        js_seconds, js_bytes, js_rows = statistics.median(r[0] for r in runs), runs[-1][1], runs[-1][2]
+        log(f"jsonl download: median {js_seconds:.2f} s of {DOWNLOADS}, {js_bytes / MiB:.1f} MiB, {js_rows} rows")
         sampler.stop()
         poller.stop()
 
@@ -452,7 +513,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
             "last_byte": body.last_byte_at, "upload_bytes": body.length, "samples": poller.samples,
             "poll_errors": poller.errors, "job_at_202": job,
             "pq": (pq_seconds, pq_bytes, pq_rows), "jsonl": (js_seconds, js_bytes, js_rows),
-            "redis": redis_after_job, "redis_end": client.info("memory"), "results_bytes": results_bytes,
+            "redis": redis_after_job, "redis_job": redis_job, "redis_end": client.info("memory"), "results_bytes": results_bytes,
             "results_chunks": len(fields_), "peaks": sampler.peaks,
             "cpu": cpu, "client_cpu": self_after - self_before,
             "worker_concurrency": len(worker.child_pids()), "web_workers": len(web.worker_pids()),
@@ -525,7 +586,8 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
         return f"| {what} | {seconds:.2f} | {rate} | {seconds / base:.2f}x |"
 
     print()
-    print(f"## predq batch benchmark: {args.model}, {rows:,} rows, CSV {data.stat().st_size / MiB:.1f} MiB")
+    print(f"## predq batch benchmark: {args.model}, {rows:,} rows, {data.suffix[1:]} "
+          f"{data.stat().st_size / MiB:.1f} MiB")
     print()
     print(f"python {platform.python_version()}, scikit-learn {sklearn.__version__}, pyarrow {pa.__version__}, "
           f"pandas {pd.__version__}, numpy {np.__version__}, celery {celery.__version__}, "
@@ -545,17 +607,26 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
     print()
     print("| what | seconds | rows/s | ratio to in-process |")
     print("|---|---:|---:|---:|")
-    print(line("in-process: read_csv (pyarrow engine)", inproc["read_csv"]))
+    print(line("in-process: read_parquet" if data.suffix == ".parquet" else "in-process: read_csv (pyarrow engine)",
+               inproc["read_csv"]))
     print(line("in-process: predict", inproc["predict"]))
     print(line("in-process: write Parquet", inproc["write_parquet"]))
     print(line("**in-process total**", inproc["total"]))
     print(line("predq: upload + ingest (first byte -> 202)", svc["accepted"] - first))
     print(line("**predq end to end (first byte -> terminal status)**", e2e))
-    print(line("predq: download results as Parquet", svc["pq"][0]))
-    print(line("predq: download results as JSON Lines", svc["jsonl"][0]))
+    print(line(f"predq: download results as Parquet (median of {DOWNLOADS})", svc["pq"][0]))
+    print(line(f"predq: download results as JSON Lines (median of {DOWNLOADS})", svc["jsonl"][0]))
     print(line("predq: end to end + Parquet download", e2e + svc["pq"][0]))
     print()
     print("ratio = seconds / in-process total seconds (higher is slower).")
+    print()
+    print("| goal | in-process limit, s | predq, s | predq throughput / limit |")
+    print("|---|---:|---:|---:|")
+    for what, limit, ours in ((f"{data.suffix[1:]} job, first byte -> terminal status", inproc["total"], e2e),
+                              ("results as Parquet: read_parquet + to_parquet", inproc["results_parquet"], svc["pq"][0]),
+                              ("results as JSON Lines: read_parquet + to_json(lines)", inproc["results_jsonl"],
+                               svc["jsonl"][0])):
+        print(f"| {what} | {limit:.2f} | {ours:.2f} | **{limit / ours:.2f}x** |")
 
     peaks = svc["peaks"].values()
 
@@ -597,6 +668,25 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"{svc['results_bytes'] / MiB:,.1f} |")
     print(f"| results downloaded: Parquet / JSON Lines | {svc['pq'][1] / MiB:,.1f} / {svc['jsonl'][1] / MiB:,.1f} |")
     print(f"| in-process Parquet file | {inproc['parquet_bytes'] / MiB:,.1f} |")
+    traffic = svc["redis_job"]
+    chunks = svc["results_chunks"] or 1
+    total_calls = sum(traffic["calls"].values())
+    print()
+    print(f"Redis traffic during the job (first byte -> terminal status; INFO commandstats and stats, including "
+          f"the status polls every {POLL_SECONDS} s), {chunks} chunks:")
+    print()
+    print("| what | total | per chunk | per 1M rows |")
+    print("|---|---:|---:|---:|")
+    per_m = 1_000_000 / rows
+    print(f"| Redis commands (all) | {total_calls:,} | {total_calls / chunks:,.1f} | {total_calls * per_m:,.0f} |")
+    for name, n in sorted(traffic["calls"].items(), key=lambda kv: -kv[1])[:8]:
+        print(f"| &nbsp; {name} | {n:,} | {n / chunks:,.1f} | {n * per_m:,.0f} |")
+    print(f"| bytes into Redis (MiB) | {traffic['in'] / MiB:,.1f} | {traffic['in'] / chunks / MiB:,.2f} | "
+          f"{traffic['in'] * per_m / MiB:,.1f} |")
+    print(f"| bytes out of Redis (MiB) | {traffic['out'] / MiB:,.1f} | {traffic['out'] / chunks / MiB:,.2f} | "
+          f"{traffic['out'] * per_m / MiB:,.1f} |")
+    print(f"| stored results (MiB) | {svc['results_bytes'] / MiB:,.1f} | {svc['results_bytes'] / chunks / MiB:,.2f} | "
+          f"{svc['results_bytes'] * per_m / MiB:,.1f} |")
     print()
     print("| process | pid | VmRSS peak: job | Parquet download | JSONL download | VmHWM |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -682,6 +772,7 @@ def prepare(tmp: Path, model: str, n_rows: int, seed: int, data: Path | None) ->
     """Install the demo models under tmp and make (or reuse) the CSV: (models dir, CSV path, its rows)."""
     models_dir = tmp / "models"
     install_demo_models(models_dir)
+    install_hgb20(models_dir)
     features = [f.name for f in Registry(models_dir).get(model).features]
     data = data.resolve() if data else tmp / f"{model}-{n_rows}.csv"
     if data.exists():
@@ -695,10 +786,22 @@ def prepare(tmp: Path, model: str, n_rows: int, seed: int, data: Path | None) ->
     return models_dir, data, n_rows
 
 
+def as_parquet(csv_path: Path) -> Path:
+    """The CSV's rows as Parquet beside it (made once), as a pandas user would write them: to_parquet defaults."""
+    path = csv_path.with_suffix(".parquet")
+    if not path.exists():
+        tmp = path.with_name(path.name + ".part")
+        pd.read_csv(csv_path, engine="pyarrow").to_parquet(tmp, index=False)
+        tmp.replace(path)
+        log(f"wrote {path} ({path.stat().st_size / MiB:.1f} MiB)")
+    return path
+
+
 def data_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: which rows, which model, where, and whether to keep the files."""
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to generate (default 1,000,000)")
-    parser.add_argument("--model", default="breast_cancer", help="demo model: breast_cancer (default) or diabetes")
+    parser.add_argument("--model", default=HGB20, choices=MODELS,
+                        help="hgb20 (default: HistGradientBoosting, 20 features) or a demo model")
     parser.add_argument("--data", type=Path, help="CSV to use; generated there first if it does not exist")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, results)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
@@ -726,12 +829,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pool processes of the one celery worker (WORKER_CONCURRENCY; default: the Procfile's)")
+    parser.add_argument("--input", choices=("csv", "parquet"), default="csv",
+                        help="upload the rows as CSV (default) or as Parquet (made from the CSV, kept beside it)")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
     try:
         with workdir("predq-bench-", args.keep) as tmp:
             models_dir, data, rows = prepare(tmp, args.model, args.rows, args.seed, args.data)
+            if args.input == "parquet":
+                data = as_parquet(data)
 
             log("in-process limit ...")
             inproc = run_in_process(models_dir, args.model, data, tmp / "inprocess.parquet")
