@@ -28,6 +28,7 @@ from shared.durability import Durability
 from shared.ingest import chunk_rows_for
 from shared.ingest import read_source as run_read_source
 from shared.jobs import TERMINAL, JobStore
+from shared.memory import return_big_buffers
 from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
 from shared.registry import Registry
@@ -89,6 +90,7 @@ def _run_context() -> RunContext:
 def _one_thread_per_process(**_: object) -> None:
     # Pool processes share the cores; native thread pools in each would oversubscribe them.
     threadpool_limits(1)
+    return_big_buffers()
     _redis.cache_clear()
     _store.cache_clear()
     _durability.cache_clear()
