@@ -69,8 +69,8 @@ def assert_job_matches(client, job: dict, planted: data.Planted, model) -> None:
             assert e["id"] == f"r{e['row']}"
 
 
-@pytest.mark.parametrize("make", [data.planted_csv, data.planted_jsonl, data.planted_parquet],
-                         ids=["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("make", [data.planted_csv, data.planted_csv_quoted, data.planted_jsonl, data.planted_parquet],
+                         ids=["csv", "csv-quoted", "jsonl", "parquet"])
 def test_planted_bad_rows_are_reported_exactly(client, worker, fussy, make):
     """A 50,000-row file: every planted bad row is named with its code, every other row predicted exactly."""
     planted = make(N_ROWS)

@@ -63,6 +63,23 @@ def planted_csv(n: int) -> Planted:
     return Planted("input.csv", ("\n".join(lines) + "\n").encode(), frame, errors)
 
 
+def planted_csv_quoted(n: int) -> Planted:
+    """planted_csv with quoted ids (a comma, quotes, a line break) in its last third: the API reads plain records
+    as unparsed pieces up to the first quote and parses the rest itself."""
+    planted = planted_csv(n)
+    lines = planted.body.decode().split("\n")
+    for row in range(2 * n // 3, n, 997):
+        if row in planted.errors:
+            continue
+        value = f'r{row}, "quoted"\nsecond line'
+        planted.frame.loc[row, "id"] = value
+        cells = lines[row + 1].split(",")
+        cells[0] = '"' + value.replace('"', '""') + '"'
+        lines[row + 1] = ",".join(cells)
+    planted.body = "\n".join(lines).encode()
+    return planted
+
+
 def planted_jsonl(n: int) -> Planted:
     """JSON has no NaN or infinity: a float-only model cannot see invalid_value from JSON Lines."""
     frame = base_frame(n)
