@@ -405,13 +405,19 @@ class _CsvSplitter(Reader):
             self._parser.close()
 
     def _next_block(self) -> bytes:
-        block, self._head = self._head, b""
-        if len(block) < _SPLIT_BLOCK:
-            block += _read_full(self._stream, _SPLIT_BLOCK - len(block))
+        """At most _SPLIT_BLOCK bytes (one more to keep a CRLF together), so that a record that lies inside a
+        block is shorter than a parser block."""
+        block = self._take(_SPLIT_BLOCK)
         if block.endswith(b"\r"):  # keep a CRLF together, or it would look like a lone CR
-            block += _read_full(self._stream, 1)
+            block += self._take(1)
         _check_utf8(self._utf8, block, self._offset)
         self._offset += len(block)
+        return block
+
+    def _take(self, size: int) -> bytes:
+        block, self._head = self._head[:size], self._head[size:]
+        if len(block) < size:
+            block += _read_full(self._stream, size - len(block))
         return block
 
     def _items(self) -> Generator[Any, None, None]:
@@ -419,11 +425,17 @@ class _CsvSplitter(Reader):
         held: list[bytes] = []   # whole lines not yet in a piece (the last may lack its line feed at the end)
         held_rows = 0
         last = b"\n"             # the byte before the current block (the header's line feed at first)
+        line = 0                 # bytes of the line not yet ended (a record may not outgrow a parser block)
         while block := self._next_block():
             cr = b"\r" in block
             if b'"' in block or (cr and block.count(b"\r") != block.count(b"\r\n")):
                 yield from self._parse_rest(b"".join(held) + block, base)
                 return
+            first_break = block.find(b"\n")
+            if line + (len(block) if first_break < 0 else first_break) > _CSV_BLOCK:
+                raise InvalidFile(f"A CSV record is longer than {_CSV_BLOCK >> 20} MiB "
+                                  f"(near byte {self._offset} after the header).")
+            line = line + len(block) if first_break < 0 else len(block) - block.rfind(b"\n") - 1
             plain = not _has_empty_line(block, last, cr)
             count = block.count(b"\n") if plain else -1
             if count < 0 or held_rows + count >= self._batch_rows:  # a piece ends in this block
@@ -450,6 +462,10 @@ class _CsvSplitter(Reader):
             yield CsvPiece(tail, held_rows, base)
 
     def _parse_rest(self, head: bytes, base: int) -> Generator[Batch, None, None]:
+        # With what the header's read took that no block has had yet (checked first: the decoder goes on from it).
+        _check_utf8(self._utf8, self._head, self._offset)
+        self._offset += len(self._head)
+        head, self._head = head + self._head, b""
         stream = _Joined(head, self._stream, self._utf8, self._offset)
         self._parser = _CsvReader(stream, self._keep, self._batch_rows, columns=self.columns, base=base)
         yield from self._parser

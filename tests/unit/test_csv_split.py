@@ -172,3 +172,41 @@ def test_stored_piece_round_trips_through_the_chunk_reader():
         assert [(e.row, e.code) for e in errors] == [(41, "malformed_row")]
         positions, none = read_input(blob, parse=False)
         assert positions.column(blobs.ROW).to_pylist() == [40, 41, 42] and none == []
+
+
+def test_a_record_longer_than_a_parser_block_is_refused_without_holding_it(monkeypatch):
+    monkeypatch.setattr(readers, "_SPLIT_BLOCK", 1000)
+    monkeypatch.setattr(readers, "_CSV_BLOCK", 5000)  # the parser's block, which no record may outgrow
+    served = [0]
+
+    class Endless(io.RawIOBase):  # a header, then a line that never ends: stop early, do not buffer it all
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            data = (b"a,b,c\n1,2,3\n" if not served[0] else b"") + b"9" * len(b)
+            b[:] = data[:len(b)]
+            served[0] += len(b)
+            return len(b)
+
+    with pytest.raises(InvalidFile, match="longer than"):
+        with open_reader("csv", Endless(), split_csv=True) as reader:
+            list(reader)
+    assert served[0] < readers._PEEK + 5000 + 3 * 1000
+    body = b"a,b,c\n" + b"1,2,3\n" * 10 + b"4," + b"5" * 6000 + b",6\n"
+    with pytest.raises(InvalidFile, match="longer than"):
+        with open_reader("csv", io.BytesIO(body), split_csv=True) as reader:
+            list(reader)
+    fine = b"a,b,c\n" + b"1,2,3\n" * 10 + b"4," + b"5" * 4000 + b",6\n"
+    rows, errors, _ = split_then_parse(fine, COLUMNS, 3, floats=[])
+    assert len(rows) == 11 and errors == []
+
+
+def test_utf8_character_split_where_the_parser_takes_over(monkeypatch):
+    """A quote sends the rest to the parser while a character is split between read-ahead and the stream."""
+    monkeypatch.setattr(readers, "_SPLIT_BLOCK", 8)
+    body = ("a,b,c\n" + "1,2,3\n" + '4,"q",6\n' + "".join(f"{i},é€,{i}\n" for i in range(30))).encode()
+    for peek in range(8, 60):  # how much the header's read takes: every cut through the multi-byte characters
+        monkeypatch.setattr(readers, "_PEEK", peek)
+        rows, errors, _ = split_then_parse(body, COLUMNS, 4, floats=[])
+        assert errors == [] and len(rows) == 32
