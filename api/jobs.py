@@ -9,6 +9,7 @@ import pyarrow as pa
 from flask import Blueprint, Response, request, stream_with_context
 
 from api import schemas
+from api.auth import current_principal
 from api.openapi import operation, path, query
 from api.parsing import (
     HashingStream,
@@ -86,7 +87,8 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
                          max_error_rate=req.max_error_rate)
     job_id = svc.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options,
-                              metadata=req.metadata or {}, source_format=source_format, window=s.JOB_QUEUE_WINDOW)
+                              metadata=req.metadata or {}, source_format=source_format, window=s.JOB_QUEUE_WINDOW,
+                              owner=current_principal().name)
 
     def before_chunk() -> None:
         svc.capacity.check()
@@ -145,7 +147,7 @@ def _from_source(svc: Services, req: schemas.JobRequest) -> Job:
                          max_error_rate=req.max_error_rate)
     try:
         return create_source_job(svc.run_context(), model=req.model, version=req.version, source=req.source,
-                                 options=options, metadata=req.metadata or {})
+                                 options=options, metadata=req.metadata or {}, owner=current_principal().name)
     except ModelNotFound as e:
         raise JobModelNotFound(e.message) from e
 
@@ -198,7 +200,7 @@ def _idempotency_claim(svc: Services) -> Claim | None:
         raise InvalidParameter("Idempotency-Key must be 1 to 255 printable characters.",
                                details={"fields": [{"name": "Idempotency-Key", "code": "invalid_parameter",
                                                     "message": "1 to 255 printable characters"}]})
-    return svc.idempotency.claim(key)
+    return svc.idempotency.claim(key, current_principal().name)
 
 
 @bp.post("/v1/jobs")
@@ -246,8 +248,9 @@ def create_job() -> Response:
 
 
 def _job(job_id: str) -> Job:
+    """The job, if the request's API key may see it: another key's job is as unknown as one that never existed."""
     job = services().store.get(job_id)
-    if job is None:
+    if job is None or not current_principal().sees(job.owner):
         raise JobNotFound(f"No job {job_id!r}; it never existed or its results have expired.")
     return job
 
@@ -272,7 +275,9 @@ def list_jobs() -> Response:
     if cursor is not None and (not cursor.startswith("job_") or len(cursor) != 30):
         raise InvalidParameter("cursor is not one this service gave out; pass next_cursor from the previous page.",
                                details={"fields": [{"name": "cursor", "code": "invalid_parameter", "message": "unknown cursor"}]})
-    jobs, next_cursor = services().store.list(status=status, limit=int(raw_limit), cursor=cursor)
+    principal = current_principal()
+    owner = None if principal.sees_every_job else principal.name
+    jobs, next_cursor = services().store.list(status=status, limit=int(raw_limit), cursor=cursor, owner=owner)
     return json_response({"data": [j.to_public() for j in jobs], "next_cursor": next_cursor})
 
 
@@ -337,6 +342,7 @@ def errors(job_id: str) -> Response:
 def cancel(job_id: str) -> Response:
     """Chunks not yet started are skipped; finished ones stay downloadable."""
     svc = services()
+    _job(job_id)
     outcome = svc.store.stop(job_id, "cancel")
     if outcome in TERMINAL:
         svc.durability.wait()

@@ -10,13 +10,40 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api import schemas
+from api.auth import required_scope
 
 bp = Blueprint("openapi", __name__)
 
 _OPERATIONS: list[dict[str, Any]] = []
-_STATUS_TEXT = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Malformed request", 403: "Forbidden",
-                404: "Not found", 405: "Method not allowed", 409: "Conflict", 413: "Too large",
-                415: "Unsupported media type", 422: "Invalid input", 503: "Not ready"}
+_STATUS_TEXT = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Malformed request", 401: "Unauthorized",
+                403: "Forbidden", 404: "Not found", 405: "Method not allowed", 409: "Conflict", 413: "Too large",
+                415: "Unsupported media type", 422: "Invalid input", 429: "Rate limited", 503: "Not ready"}
+
+_BEARER = {
+    "type": "http", "scheme": "bearer",
+    "description": "An API key the operator issued (API_KEYS_FILE), sent as 'Authorization: Bearer <key>'. Its "
+                   "scopes are 'predict' (models and predictions), 'jobs' (its own batch jobs) and 'admin' (every "
+                   "job, schedules, metrics; includes the other two). A service without keys configured needs none: "
+                   "it then answers only on a loopback address, or anywhere with AUTH=off.",
+}
+
+
+def _auth_responses(scope: str) -> dict[str, dict[str, Any]]:
+    """What every route behind a key may answer besides its own responses."""
+    error = {"application/json": {"schema": _ref(schemas.Error)}}
+    return {
+        "401": {"description": "Unauthorized: no API key, or one the service does not know (code unauthorized).",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+                "content": error},
+        "403": {"description": f"Forbidden: the API key lacks the '{scope}' scope (code forbidden, details."
+                             "required_scope), or the service has no keys and the request did not come to a "
+                             "loopback address (code auth_not_configured).", "content": error},
+        "429": {"description": "Rate limited: this key made more than RATE_LIMIT_PER_MINUTE requests in the last "
+                               "minute (code rate_limited).",
+                "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                            "description": "Seconds until a request will be accepted again."}},
+                "content": error},
+    }
 
 
 def operation(method: str, path: str, *, summary: str, responses: dict[int, type[BaseModel] | str | None],
@@ -68,7 +95,18 @@ def build() -> dict[str, Any]:
             if status >= 400:
                 entry = {"description": _STATUS_TEXT.get(status, "Error"), "content": _content(schemas.Error)}
             responses[str(status)] = entry
-        item: dict[str, Any] = {"summary": op["summary"], "description": op["doc"], "responses": responses}
+        scope = required_scope(op["path"])
+        if scope is None:
+            security: list[dict[str, list[str]]] = []
+        else:
+            security = [{"bearerAuth": [scope]}]
+            for status, entry in _auth_responses(scope).items():
+                if status == "403" and status in responses:  # the route's own 403 too (e.g. source_not_allowed)
+                    entry = {**entry, "description": entry["description"] + " Or this route's own refusal."}
+                responses[status] = entry
+            responses = dict(sorted(responses.items()))
+        item: dict[str, Any] = {"summary": op["summary"], "description": op["doc"], "responses": responses,
+                                "security": security}
         if op["params"]:
             item["parameters"] = op["params"]
         if op["body"]:
@@ -81,12 +119,13 @@ def build() -> dict[str, Any]:
         "info": {"title": "predq", "version": "1", "description": "Predictions from scikit-learn models: "
                  "synchronous single rows and chunked batch jobs."},
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": defs.get("$defs", {})},
+        "security": [{"bearerAuth": []}],
+        "components": {"schemas": defs.get("$defs", {}), "securitySchemes": {"bearerAuth": _BEARER}},
     }
 
 
 @bp.get("/openapi.json")
 @operation("get", "/openapi.json", summary="This document", responses={200: "application/json"})
 def openapi_json() -> Response:
-    """The OpenAPI 3.1 description of every route."""
+    """The OpenAPI 3.1 description of every route; open to all, like the health routes (it holds no secret)."""
     return Response(orjson.dumps(build()), mimetype="application/json")

@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     sha = sub.add_parser("record-sha256", help="record a model file's sha256 in its model.json, so a changed file is refused")
     sha.add_argument("model_file", nargs="+")
 
+    key = sub.add_parser("new-key", help="make a new random API key: prints it once, and the entry for API_KEYS_FILE")
+    key.add_argument("name", help="the key's name: who it is for (stored as the owner of the jobs it creates)")
+    key.add_argument("--scopes", default="predict,jobs",
+                     help="comma-separated: predict, jobs, admin (default predict,jobs; admin includes the others)")
+
     sub.add_parser("workers", help="list the workers and whether each is consuming; exit 1 if none is, or one stalled")
 
     sub.add_parser("schedules", help="list the schedules with their next and last runs ($PREDQ_URL)")
@@ -34,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return _api_command(args)
     if args.command == "workers":
         return workers_report()
+    if args.command == "new-key":
+        return new_key(args.name, args.scopes)
     if args.command == "up":
         return stack.up(port=args.port, demo=not args.no_demo)
     if args.command == "demo-models":
@@ -72,6 +79,24 @@ def _api_command(args: argparse.Namespace) -> int:
     except ApiError as e:
         print(f"predq: {e.message}", file=sys.stderr)
         return 1
+
+
+def new_key(name: str, scopes: str) -> int:
+    """Print a new key (only its sha256 is stored by the service) and the line to add to the key file."""
+    import json
+
+    from shared.auth import KeyFileError
+    from shared.auth import new_key as make_key
+
+    try:
+        key, entry = make_key(name, [s.strip() for s in scopes.split(",") if s.strip()])
+    except KeyFileError as e:
+        print(f"predq: {e}", file=sys.stderr)
+        return 2
+    print(f"API key for {name} (shown only now; give it to its user, the service keeps only its hash):\n\n  {key}\n")
+    print('Add this entry to the "keys" list of the API_KEYS_FILE, then restart the web processes:\n')
+    print(f"  {json.dumps(entry)}")
+    return 0
 
 
 def workers_report() -> int:

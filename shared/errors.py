@@ -35,6 +35,28 @@ class InvalidParameterValue(PredqError):
     status, code = 422, "invalid_parameter"
 
 
+class Unauthorized(PredqError):
+    """No API key, or one the service does not know (always with WWW-Authenticate: Bearer)."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(PredqError):
+    """A known API key without the scope the route needs."""
+
+    status, code = 403, "forbidden"
+
+
+class AuthNotConfigured(Forbidden):
+    """A request that reached a non-loopback address of a service with no API keys and AUTH not off."""
+
+    code = "auth_not_configured"
+
+
+class RateLimited(PredqError):
+    status, code = 429, "rate_limited"
+
+
 class NotFound(PredqError):
     status, code = 404, "not_found"
 

@@ -39,11 +39,20 @@ class Fingerprint:
         return self._hash.hexdigest()
 
 
+def _redis_key(key: str, owner: str | None) -> str:
+    """Each API key has its own Idempotency-Keys, so two clients choosing the same value never meet.
+
+    Without API keys the plain form is used. An owner's form joins its name and the key with a tab, which
+    neither a key name nor an Idempotency-Key (printable characters only) can hold, so no two forms collide.
+    """
+    return keys.idempotency(key if owner is None else f"{owner}\t{key}")
+
+
 @dataclass
 class Claim:
     """The outcome of claiming a key: ours to fill (`acquired`), or the job an earlier request made."""
 
-    key: str
+    redis_key: str      # the Idempotency-Key, scoped to its owner
     lease: str          # the value we wrote while in progress; release deletes only that
     acquired: bool
     job_id: str | None = None
@@ -59,32 +68,33 @@ class IdempotencyKeys:
         self.ttl = ttl
         self._release = client.register_script(_RELEASE)
 
-    def claim(self, key: str) -> Claim:
-        """Take the key for this request, or say which job it already made; 409 while another request holds it."""
+    def claim(self, key: str, owner: str | None = None) -> Claim:
+        """Take `owner`'s key for this request, or say which job it already made; 409 while another request holds it."""
+        redis_key = _redis_key(key, owner)
         value = json.dumps({"state": "in_progress", "token": os.urandom(12).hex()})
-        if self.r.set(keys.idempotency(key), value, nx=True, ex=self.lease_seconds):
-            return Claim(key, value, acquired=True)
-        raw = self.r.get(keys.idempotency(key))
+        if self.r.set(redis_key, value, nx=True, ex=self.lease_seconds):
+            return Claim(redis_key, value, acquired=True)
+        raw = self.r.get(redis_key)
         if raw is None:  # it expired between the two calls: try once more
-            return self.claim(key)
+            return self.claim(key, owner)
         record = json.loads(raw)
         if record["state"] == "in_progress":
             raise IdempotencyInProgress(
                 "A request with this Idempotency-Key is still being processed; retry when it has finished.",
                 headers={"Retry-After": "5"})
-        return Claim(key, "", acquired=False, job_id=record["job_id"], fingerprint=record["fingerprint"])
+        return Claim(redis_key, "", acquired=False, job_id=record["job_id"], fingerprint=record["fingerprint"])
 
     def renew(self, claim: Claim) -> None:
         """Keep the lease while a long upload is read (an API process that dies lets it lapse)."""
-        self.r.expire(keys.idempotency(claim.key), self.lease_seconds)
+        self.r.expire(claim.redis_key, self.lease_seconds)
 
     def complete(self, claim: Claim, fingerprint: str, job_id: str) -> None:
         record = {"state": "done", "fingerprint": fingerprint, "job_id": job_id}
-        self.r.set(keys.idempotency(claim.key), json.dumps(record), ex=self.ttl)
+        self.r.set(claim.redis_key, json.dumps(record), ex=self.ttl)
 
     def release(self, claim: Claim) -> None:
         """Give the key up after a failed request, so that a corrected retry can use it."""
-        self._release(keys=[keys.idempotency(claim.key)], args=[claim.lease])
+        self._release(keys=[claim.redis_key], args=[claim.lease])
 
     @staticmethod
     def check_same(claim: Claim, fingerprint: str) -> None:

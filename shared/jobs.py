@@ -98,6 +98,7 @@ class Job:
     stop: str | None
     source: str | None = None       # a URI the workers read the input from
     run: dict | None = None         # a schedule's run: schedule, slot, date, output, output_format
+    owner: str | None = None        # name of the API key that created it; None: no key (a scheduled run)
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> Job:
@@ -118,7 +119,7 @@ class Job:
             ),
             metadata=json.loads(g.get("metadata") or "{}"),
             error_code=opt("error_code"), error_message=opt("error_message"), stop=opt("stop"),
-            source=opt("source"), run=json.loads(g["run"]) if g.get("run") else None,
+            source=opt("source"), run=json.loads(g["run"]) if g.get("run") else None, owner=opt("owner"),
         )
 
     @property
@@ -186,8 +187,12 @@ class JobStore:
 
     # -- creation, while the input is read ----------------------------------------------------------
     def create(self, *, model: str, version: str, sha256: str, options: JobOptions, metadata: dict,
-               source_format: str, window: int = 16, source: str | None = None, run: dict | None = None) -> str:
-        """A new job in `queued` state that is still reading its input; at most `window` chunks in the broker."""
+               source_format: str, window: int = 16, source: str | None = None, run: dict | None = None,
+               owner: str | None = None) -> str:
+        """A new job in `queued` state that is still reading its input; at most `window` chunks in the broker.
+
+        `owner` is the name of the API key that asked for it: only that key and admin keys see the job.
+        """
         now = time.time()
         job_id = new_job_id(now)
         fields = {
@@ -208,6 +213,8 @@ class JobStore:
             fields["source"] = source
         if run:
             fields["run"] = json.dumps(run)
+        if owner:
+            fields["owner"] = owner
         with self.r.pipeline(transaction=True) as p:
             p.hset(keys.job(job_id), mapping=fields)
             p.zadd(keys.JOBS, {job_id: 0})
@@ -266,14 +273,23 @@ class JobStore:
         h = self.r.hgetall(keys.job(job_id))
         return Job.from_hash(h) if h and b"id" in h else None
 
-    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job], str | None]:
-        """Jobs newest first; the cursor is the last id of the previous page."""
+    def list(self, *, status: str | None = None, limit: int = 20, cursor: str | None = None,
+             owner: str | None = None, max_scan: int = 5000) -> tuple[list[Job], str | None]:
+        """Jobs newest first, only `owner`'s when given; the cursor is the last id of the previous page.
+
+        A filtered page looks at no more than about `max_scan` jobs: it may then come back short, with a cursor to
+        go on from, so that a key with few jobs among many cannot make one request read them all.
+        """
         found: list[Job] = []
         upper = f"({cursor}" if cursor else "+"
+        scanned = 0
         while len(found) < limit:
+            if scanned >= max_scan:
+                return found, upper[1:]
             ids = [i.decode() for i in self.r.zrevrangebylex(keys.JOBS, upper, "-", start=0, num=max(limit * 2, 50))]
             if not ids:
                 return found, None
+            scanned += len(ids)
             with self.r.pipeline(transaction=False) as p:
                 for job_id in ids:
                     p.hgetall(keys.job(job_id))
@@ -284,7 +300,7 @@ class JobStore:
                     expired.append(job_id)
                     continue
                 job = Job.from_hash(h)
-                if status is None or job.status.value == status:
+                if (status is None or job.status.value == status) and (owner is None or job.owner == owner):
                     found.append(job)
                     if len(found) == limit:
                         return found, job.id if self._has_older(job.id) else None

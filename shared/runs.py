@@ -40,13 +40,16 @@ def slot_key(schedule: Schedule, slot: dt.datetime) -> str:
 
 
 def create_source_job(ctx: RunContext, *, model: str, version: str | None, source: str, options: JobOptions,
-                      metadata: dict, run: dict | None = None) -> Job:
-    """A job whose input a worker reads from `source`; problems found there end it `failed`."""
+                      metadata: dict, run: dict | None = None, owner: str | None = None) -> Job:
+    """A job whose input a worker reads from `source`; problems found there end it `failed`.
+
+    `owner` is the API key that asked for it (scheduled runs have none: admin keys see them).
+    """
     check_allowed(source, ctx.source_roots)
     fmt = detect_format(source.split("?")[0], None)
     mv = ctx.registry.get(model, version)
     job_id = ctx.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options, metadata=metadata,
-                              source_format=fmt, window=ctx.window, source=source, run=run)
+                              source_format=fmt, window=ctx.window, source=source, run=run, owner=owner)
     ctx.send_read(job_id)
     job = ctx.store.get(job_id)
     assert job is not None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     SOURCE_READ_TIME_LIMIT: float = Field(3600, gt=0, description="Seconds a worker may take to read one source.")
     SCHEDULE_TICK_SECONDS: float = Field(10, gt=0, description="How often beat looks for due schedule runs.")
     BEAT_LOCK_TIMEOUT: float = Field(90, gt=0, description="Seconds before a second beat takes over a silent one.")
+    API_KEYS_FILE: str | None = Field(None, description="JSON file of API keys (names, sha256 hashes, scopes).")
+    AUTH: Literal["on", "off"] = Field("on", description="off: serve without keys on any address.")
+    RATE_LIMIT_PER_MINUTE: int = Field(6000, ge=0, description="Requests per API key per minute; 0: no limit.")
+    CORS_ORIGINS: str = Field("", description="Comma-separated origins browsers may call from; none: no CORS.")
     MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
     MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)
     SPOOL_DIR: str | None = None
@@ -70,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def source_roots(self) -> list[str]:
         return [r.strip() for r in self.SOURCE_ROOTS.split(",") if r.strip()]
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.CORS_ORIGINS.split(",") if o.strip()]
 
     @property
     def broker_url(self) -> str:

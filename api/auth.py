@@ -1,0 +1,186 @@
+"""Who may call what: API keys and their scopes, limits per key, CORS, and the security headers of every response.
+
+Everything runs in one `before_request` (refuse early) and one `after_request` (headers), attached by `init_app`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, g, request
+
+from shared.auth import ADMIN, ANONYMOUS, JOBS, PREDICT, KeyRing, Principal, load_keys
+from shared.errors import AuthNotConfigured, Forbidden, RateLimited, Unauthorized
+from shared.ratelimit import RateLimiter
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The contract's health routes (those not served here yet included) and the OpenAPI document: no key needed.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/health", "/version", "/v2/health/live",
+                        "/v2/health/ready", "/openapi.json"})
+
+#: The scope each route needs, by path prefix (Flask rule or OpenAPI path). A route under none of them needs
+#: admin, so a route added without a line here is never open by accident.
+ROUTE_SCOPES = (("/v1/models", PREDICT), ("/invocations", PREDICT), ("/v2/models", PREDICT),
+                ("/v1/jobs", JOBS), ("/v1/schedules", ADMIN), ("/metrics", ADMIN))
+
+#: An unknown route (404) or method (405) needs a valid key, whatever its scopes.
+ANY_KEY = "any"
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    # Every answer is data (JSON, CSV, Parquet, text), never a page: nothing in it may load, run or be framed.
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+_CORS_EXPOSED = "Location, Retry-After, WWW-Authenticate, Content-Disposition"
+
+
+def required_scope(path: str) -> str | None:
+    """The scope a route needs (None: open to all)."""
+    if path in OPEN_PATHS:
+        return None
+    for prefix, scope in ROUTE_SCOPES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return scope
+    return ADMIN
+
+
+def current_principal() -> Principal:
+    """Who the current request acts for (set by the check before every non-open route)."""
+    return g.principal
+
+
+def bearer_key(header: str | None) -> str | None:
+    scheme, _, key = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return key.strip() or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def arrived_on_loopback(environ: dict[str, Any]) -> bool:
+    """Whether the request came in on a loopback address (or a unix socket) of this machine.
+
+    The connection's own local address where the server exposes its socket (gunicorn, werkzeug); otherwise the
+    server's name for itself, which for a server bound to 0.0.0.0 or a public name is not loopback.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is not None:
+        try:
+            local = sock.getsockname()
+        except OSError:
+            return False
+        return isinstance(local, (str, bytes)) or _is_loopback(str(local[0]))
+    return _is_loopback(str(environ.get("SERVER_NAME", "")))
+
+
+class Gate:
+    """The checks every request passes: CORS preflight, key, rate limit, scope; then the response headers."""
+
+    def __init__(self, settings: Settings, ring: KeyRing | None, limiter: RateLimiter | None):
+        self.auth_off = settings.AUTH == "off"
+        self.ring = ring
+        self.limiter = limiter
+        self.cors = frozenset(settings.cors_origins)
+
+    def describe(self) -> str:
+        if self.auth_off:
+            return "auth: AUTH=off; every request is served without an API key"
+        if self.ring is not None:
+            limit = f"{self.limiter.limit} requests a minute per key" if self.limiter else "no rate limit"
+            return f"auth: API keys required ({len(self.ring)} configured; {limit})"
+        return "auth: no API keys configured; only requests that reach a loopback address are served"
+
+    def _allowed_origin(self) -> str | None:
+        origin = request.headers.get("Origin")
+        if not origin or not self.cors:
+            return None
+        if "*" in self.cors:
+            return "*"
+        return origin if origin.rstrip("/") in self.cors else None
+
+    def check(self) -> Response | None:
+        if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+                and self._allowed_origin()):
+            # A browser's preflight carries no credentials; the real request that follows does.
+            return Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key",
+                "Access-Control-Max-Age": "600"})
+        rule = request.url_rule
+        scope = required_scope(rule.rule) if rule is not None else (
+            None if request.path in OPEN_PATHS else ANY_KEY)
+        if scope is None:
+            return None
+        if self.ring is None:
+            if not self.auth_off and not arrived_on_loopback(request.environ):
+                raise AuthNotConfigured(
+                    "This service has no API keys and serves only requests to a loopback address; its operator "
+                    "must set API_KEYS_FILE (or AUTH=off behind an authenticating proxy).")
+            g.principal = ANONYMOUS
+            return None
+        presented = bearer_key(request.headers.get("Authorization"))
+        if presented is None:
+            raise Unauthorized("This route needs an API key: send the header 'Authorization: Bearer <key>'.",
+                               headers={"WWW-Authenticate": 'Bearer realm="predq"'})
+        key = self.ring.find(presented)
+        if key is None:
+            log.info("request refused: unknown API key", extra={"method": request.method, "path": request.path,
+                                                                 "client": request.remote_addr})
+            raise Unauthorized("The API key is not valid.",
+                               headers={"WWW-Authenticate": 'Bearer realm="predq", error="invalid_token"'})
+        g.principal = Principal(key.name, key.scopes)
+        if self.limiter is not None:
+            decision = self.limiter.hit(key.name)
+            if not decision.allowed:
+                raise RateLimited(f"This API key made more than {self.limiter.limit} requests in the last minute; "
+                                  f"retry in {decision.retry_after} s.",
+                                  headers={"Retry-After": str(decision.retry_after)})
+        if scope != ANY_KEY and not g.principal.allows(scope):
+            raise Forbidden(f"The API key {key.name!r} does not have the '{scope}' scope, which "
+                            f"{request.method} {rule.rule if rule else request.path} needs.",
+                            details={"required_scope": scope})
+        return None
+
+    def decorate(self, response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if self.cors:
+            response.vary.add("Origin")
+            origin = self._allowed_origin()
+            if origin is not None:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+        return response
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Read the keys (a bad file stops the process), build the limiter, attach the checks; log which case applies."""
+    ring = load_keys(settings.API_KEYS_FILE) if settings.API_KEYS_FILE and settings.AUTH == "on" else None
+    limiter = None
+    if ring is not None and settings.RATE_LIMIT_PER_MINUTE > 0:
+        # Its own short timeouts: a slow Redis must not hold up predictions, which otherwise never touch it.
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        limiter = RateLimiter(client, settings.RATE_LIMIT_PER_MINUTE)
+    gate = Gate(settings, ring, limiter)
+    app.extensions["predq.auth"] = gate
+    app.before_request(gate.check)
+    app.after_request(gate.decorate)
+    log.info(gate.describe())

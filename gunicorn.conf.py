@@ -1,0 +1,63 @@
+"""gunicorn reads this file from its working directory (the repository root, for the Procfile and the tests).
+
+* Before it opens a port, gunicorn checks its bind addresses: without API keys it serves only on loopback
+  addresses, unless AUTH=off says so explicitly, and it logs which case applies.
+* The errors gunicorn answers itself, before the app sees a request (a request line over `limit_request_line`,
+  4094 bytes by default; more than `limit_request_fields` header fields, 100, or one over
+  `limit_request_field_size`, 8190 bytes; a request that is not HTTP), get the contract's JSON error body instead
+  of gunicorn's HTML page.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import orjson
+from gunicorn import util
+
+from shared.auth import ExposedWithoutKeys, KeyFileError, startup_mode
+from shared.settings import load_settings
+
+_CODES = {400: ("bad_request", "The request is not valid HTTP."),
+          403: ("forbidden", "The request is not allowed."),
+          414: ("uri_too_long", "The request line (method, path and query) is longer than this service accepts."),
+          417: ("expectation_failed", "The request's Expect header cannot be met."),
+          431: ("headers_too_large", "The request has more, or longer, header fields than this service accepts."),
+          501: ("not_implemented", "The request's transfer coding is not supported.")}
+
+
+def _write_json_error(sock, status_int, reason, mesg):  # noqa: ARG001 - gunicorn's signature; mesg may echo input
+    """gunicorn's `util.write_error`, answering JSON: the code and a fixed message, never the request's bytes."""
+    code, message = _CODES.get(status_int, ("internal_error", "The service failed to handle this request."))
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+# Workers are forked from the master after this file is read, so they call this one.
+util.write_error = _write_json_error
+
+
+class _RedactBearer(logging.Filter):
+    """gunicorn logs a malformed header line as it came; a key in it must not reach the log."""
+
+    _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"\\]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "earer" in message:
+            record.msg, record.args = self._BEARER.sub(r"\1[redacted]", message), None
+        return True
+
+
+def on_starting(server):
+    """Refuse to start, before any port is opened, when other machines could reach a service that has no keys."""
+    server.log.error_log.addFilter(_RedactBearer())
+    settings = load_settings()
+    try:
+        line = startup_mode(settings.AUTH, settings.API_KEYS_FILE or None, server.cfg.address)
+    except (ExposedWithoutKeys, KeyFileError) as e:
+        server.log.error("auth: %s", e)
+        raise RuntimeError(f"predq: {e}") from None  # gunicorn prints it too, and exits with status 1
+    server.log.info(line)
