@@ -5,7 +5,7 @@ import logging
 
 import orjson
 import redis
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from shared.errors import PredqError
@@ -43,7 +43,9 @@ def register_error_handlers(app: Flask) -> None:
             allowed = ", ".join(e.valid_methods or []) if hasattr(e, "valid_methods") else ""
             message = f"{request.method} is not allowed on {request.path}" + (f"; use {allowed}." if allowed else ".")
         elif status == 413:
-            message = "The request body is larger than this service accepts."
+            limit = current_app.extensions["predq"].settings.MAX_UPLOAD_BYTES
+            return error_response(413, "too_large", f"The request body is larger than the {limit} bytes accepted "
+                                  "(MAX_UPLOAD_BYTES).", {"limit": "MAX_UPLOAD_BYTES", "max": limit})
         else:
             message = e.description or e.name
         return error_response(status, _HTTP_CODES.get(status, "http_error"), message)

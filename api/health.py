@@ -27,7 +27,7 @@ def healthz() -> Response:
 @bp.get("/readyz")
 @operation("get", "/readyz", summary="Readiness",
            params=[query("workers", {"type": "boolean"}, "Also require a worker that proved it is consuming.")],
-           responses={200: schemas.Readiness, 503: schemas.Readiness})
+           responses={200: schemas.Readiness, 400: None, 503: schemas.Readiness})
 def readyz() -> Response:
     """Redis answers and the models load; workers are reported (consuming when their canary ran lately), required with workers=true."""
     svc = services()

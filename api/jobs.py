@@ -39,7 +39,7 @@ from shared.errors import (
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
 from shared.ingest import check_columns, chunk_rows_for, first_batch, store_chunks
 from shared.jobs import TERMINAL, Job, JobOptions, Status
-from shared.readers import Batch, CsvPiece, detect_format, open_reader, records_batches
+from shared.readers import Batch, CsvPiece, Limits, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
 from shared.runs import create_source_job
 
@@ -98,7 +98,8 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     try:
         chunker = store_chunks(svc.store, job_id, mv, first, rest, columns=columns or wanted, wanted=wanted,
                                chunk_rows=chunk_rows, compression=s.CHUNK_COMPRESSION,
-                               send=partial(send_chunk, svc.celery), before_chunk=before_chunk)
+                               send=partial(send_chunk, svc.celery), before_chunk=before_chunk,
+                               limits=Limits.from_settings(svc.settings))
         svc.store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
         svc.durability.wait()
     except BaseException:
@@ -137,7 +138,8 @@ def _from_json(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     if req.id_column and not any(isinstance(r, dict) and req.id_column in r for r in req.rows):
         check_columns(mv, [f.name for f in mv.features], req.id_column)
     size = _chunk_rows(svc, req, len(wanted))
-    job = _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size), size, claim)
+    job = _ingest(svc, mv, req, "json", records_batches(req.rows, wanted, size, Limits.from_settings(svc.settings)),
+                  size, claim)
     return job, fingerprint.hexdigest(), True
 
 
@@ -175,7 +177,7 @@ def _from_upload(svc: Services, claim: Claim | None) -> tuple[Job, str, bool]:
     # Batches no bigger than a chunk, so each chunk is sent as soon as its rows have arrived; CSV is cut into
     # pieces that workers parse.
     reader = open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=svc.settings.SPOOL_DIR,
-                         split_csv=True)
+                         split_csv=True, limits=Limits.from_settings(svc.settings))
     with reader:
         check_columns(mv, reader.columns, req.id_column)
         job = _ingest(svc, mv, req, fmt, reader, size, claim, columns=reader.columns)

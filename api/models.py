@@ -117,8 +117,9 @@ def predict_post(name: str) -> Response:
         if not body:
             raise EmptyInput("The array has no rows; send at least one object.")
         if len(body) > s.SYNC_MAX_ROWS:
-            raise TooManyRows(f"{len(body)} rows is more than the {s.SYNC_MAX_ROWS} a synchronous call takes; "
-                              "submit them as a batch job with POST /v1/jobs.")
+            raise TooManyRows(f"{len(body)} rows is more than the {s.SYNC_MAX_ROWS} a synchronous call takes "
+                              "(SYNC_MAX_ROWS); submit them as a batch job with POST /v1/jobs.",
+                              details={"limit": "SYNC_MAX_ROWS", "max": s.SYNC_MAX_ROWS})
         return _many(mv, body, probabilities)
     raise InvalidInput("The body must be a JSON object (one row) or an array of objects (several rows).")
 

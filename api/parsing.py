@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-from flask import Request
+from flask import Request, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
@@ -32,10 +32,12 @@ def json_body_and_bytes(request: Request, max_bytes: int) -> tuple[bytes, Any]:
         shown = request.mimetype or "none"
         raise UnsupportedMediaType(f"Content type {shown} is not accepted here; send application/json.")
     if request.content_length is not None and request.content_length > max_bytes:
-        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).")
+        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
+                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).")
+        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
+                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
     try:
         return data, orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -143,6 +145,14 @@ class MultipartUpload:
     def file(self) -> io.RawIOBase:
         """The file part's bytes as a readable stream; reading ends at the part's end."""
         return _PartStream(self._events)
+
+
+def refuse_encoded_bodies() -> None:
+    """A body sent compressed (Content-Encoding) is refused, never inflated: its real size is unknown until then."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed.",
+                                   details={"accepted": ["identity"]})
 
 
 class HashingStream(io.RawIOBase):

@@ -21,7 +21,7 @@ from shared.errors import (
     PredqError,
 )
 from shared.jobs import JobStore
-from shared.readers import Batch, CsvPiece, RowError, detect_format, open_reader
+from shared.readers import Batch, CsvPiece, Limits, RowError, detect_format, open_reader, too_many_rows
 from shared.registry import ModelVersion, Registry
 from shared.sources import check_allowed, open_source
 
@@ -58,17 +58,28 @@ def narrow_numeric_text(table: pa.Table, mv: ModelVersion) -> pa.Table:
 
 @dataclass
 class Chunker:
-    """Collects row batches into chunks of `chunk_rows` rows and hands each finished chunk to `emit`."""
+    """Collects row batches into chunks of `chunk_rows` rows and hands each finished chunk to `emit`.
+
+    A chunk also ends once it holds `max_bytes` of rows (MAX_CHUNK_BYTES), and an input with more than
+    `max_rows` rows (MAX_JOB_ROWS) raises TooLarge as soon as its rows pass that.
+    """
 
     chunk_rows: int
     emit: Callable[[int, pa.Table | CsvPiece, list[RowError]], None]
+    max_rows: int = 1 << 62
+    max_bytes: int = 1 << 62
     total_rows: int = 0
     chunks: int = 0
+    rows_read: int = 0
     _tables: list[pa.Table] = field(default_factory=list)
     _pending_rows: int = 0
+    _pending_bytes: int = 0
     _errors: list[RowError] = field(default_factory=list)
 
     def add(self, batch: Batch | CsvPiece) -> None:
+        self.rows_read += batch.rows if isinstance(batch, CsvPiece) else batch.table.num_rows + len(batch.errors)
+        if self.rows_read > self.max_rows:
+            raise too_many_rows(self.max_rows)
         if isinstance(batch, CsvPiece):
             # Already cut to size by the splitter, which hands out pieces before any parsed batch.
             self.emit(self.chunks, batch, [])
@@ -78,10 +89,14 @@ class Chunker:
         if self._tables and batch.table.num_rows and not batch.table.schema.equals(self._tables[0].schema, check_metadata=True):
             # Batches typed differently (JSON Lines blocks of mixed types) cannot share a chunk.
             self._flush(self._pending_rows)
+        size = batch.table.nbytes if batch.table.num_rows else 0
+        if self._pending_rows and self._pending_bytes + size > self.max_bytes:
+            self._flush(self._pending_rows)  # the rows so far make a chunk: with these it would pass max_bytes
         self._errors.extend(batch.errors)
         if batch.table.num_rows:
             self._tables.append(batch.table)
             self._pending_rows += batch.table.num_rows
+            self._pending_bytes += size
         while self._pending_rows >= self.chunk_rows:
             self._flush(self.chunk_rows)
 
@@ -95,6 +110,7 @@ class Chunker:
             head, rest = table.slice(0, n), table.slice(n)
             self._tables = [rest] if rest.num_rows else []
             self._pending_rows = rest.num_rows
+            self._pending_bytes = rest.nbytes if rest.num_rows else 0
         else:
             head = None
         if head is not None and head.num_rows and self._tables:
@@ -166,14 +182,16 @@ def first_batch(batches: Iterable[Batch | CsvPiece]) -> tuple[Batch | CsvPiece, 
 def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | CsvPiece,
                  rest: Iterator[Batch | CsvPiece], *, columns: list[str], wanted: list[str], chunk_rows: int,
                  compression: str, send: Callable[[str, int], None],
-                 before_chunk: Callable[[], None] = lambda: None) -> Chunker:
+                 before_chunk: Callable[[], None] = lambda: None, limits: Limits | None = None) -> Chunker:
     """Store the input as chunks of a job, sending each chunk's message as the job's window allows.
 
     Reading goes on in the caller's thread while casting, compressing and storing run on another. CSV pieces
     are stored as they came, with what a worker needs to parse them: the file's `columns`, the `wanted` ones,
     and which of those to read as numbers. Returns the chunker, which knows the totals; the caller closes the
-    input with JobStore.finish_ingest.
+    input with JobStore.finish_ingest. An input of more rows than MAX_JOB_ROWS raises TooLarge (413) as soon
+    as they are read; the caller then discards the job (`limits`: the process's settings when None).
     """
+    limits = limits or Limits.from_settings()
     layout = {"columns": columns, "wanted": wanted,
               "floats": [f.name for f in mv.features if f.dtype in ("float64", "int64")]}
 
@@ -192,7 +210,7 @@ def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | 
             raise JobNotFound("The job was deleted while its input was being read.")
 
     emitter = BackgroundEmitter(emit)
-    chunker = Chunker(chunk_rows, emitter)
+    chunker = Chunker(chunk_rows, emitter, max_rows=limits.max_rows, max_bytes=limits.max_batch_bytes)
     try:
         chunker.add(first)
         for batch in rest:
@@ -243,12 +261,14 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
         fmt = detect_format(job.source.split("?")[0], None)
         wanted = [f.name for f in mv.features] + ([job.options.id_column] if job.options.id_column else [])
         size = chunk_rows(len(wanted), job.options.chunk_size)
-        with open_source(job.source) as stream, open_reader(fmt, stream, wanted=wanted, batch_rows=size,
-                                                            spool_dir=spool_dir, split_csv=True) as reader:
+        limits = Limits.from_settings()
+        with open_source(job.source, limits.max_bytes) as stream, \
+                open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=spool_dir, split_csv=True,
+                            limits=limits) as reader:
             check_columns(mv, reader.columns, job.options.id_column)
             first, rest = first_batch(reader)
             chunker = store_chunks(store, job_id, mv, first, rest, columns=reader.columns, wanted=wanted,
-                                   chunk_rows=size, compression=compression, send=send)
+                                   chunk_rows=size, compression=compression, send=send, limits=limits)
         return store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
     except PredqError as e:
         store.stop(job_id, "fail", e.code, e.message)

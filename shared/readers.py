@@ -2,6 +2,10 @@
 
 Every table carries an int64 ``__row`` column: each row's 0-based position among all the input's records,
 malformed ones included, so that results and errors can be reported against the caller's own numbering.
+
+Inputs are untrusted: every reader keeps to `Limits` (the MAX_* settings). A file's type is checked by its
+content as well as its name, a file wider than MAX_COLUMNS is refused before any row is read, a text value
+longer than MAX_CELL_BYTES fails its row, and no batch holds more than MAX_CHUNK_BYTES of rows.
 """
 from __future__ import annotations
 
@@ -20,12 +24,14 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from shared.blobs import JSON_MIXED_KEY, ROW, json_mixed_columns
-from shared.errors import InvalidFile, UnsupportedFormat
+from shared.errors import InvalidFile, TooLarge, UnsupportedFormat
+from shared.settings import Settings, get_settings
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -50,8 +56,13 @@ _SPLIT_BLOCK = 1 << 20      # bytes the splitter reads at a time
 _CSV_NULLS = ["", "NA", "N/A", "null", "NULL", "None"]
 _JSON_BLOCK = 4 << 20       # bytes of whole lines parsed at once
 _JSON_ARROW_BLOCK = 1 << 20  # pyarrow's unit of parallel parsing within a block
-_MAX_LINE = 64 << 20        # a longer JSON line is refused rather than buffered
+_MAX_LINE = 4 << 20         # a JSON line still unended at this length is a malformed row, skipped unread
+_LONG_LINE = b"\x00\n"      # what stands in a block for such a line
+_MAX_DEPTH = 255            # JSON values nested deeper cannot be written back as JSON text (orjson's limit)
 _SPOOL_PIECE = 1 << 20
+_SNIFF = 16                 # bytes looked at to tell a file's type by its content
+_MAX_FOOTER = 64 << 20      # a larger Parquet footer is refused before it is parsed
+_TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
 
 _LINE_BREAK = re.compile(rb"[\r\n]")
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
@@ -60,6 +71,22 @@ _EMPTY_LINE_CR = re.compile(rb"\n\r?\n")
 _BLANK_FIRST_LINE = re.compile(rb"[ \t\r]*\n")
 _UNHANDLED_ROW = re.compile(r"Expected \d+ columns, got \d+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
+class Limits(NamedTuple):
+    """What one input may hold; each field is the setting named in its comment."""
+
+    max_bytes: int        # MAX_UPLOAD_BYTES: the file's size
+    max_columns: int      # MAX_COLUMNS: columns of the file
+    max_cell_bytes: int   # MAX_CELL_BYTES: bytes of one text value in a kept column
+    max_rows: int         # MAX_JOB_ROWS: rows, where the file says how many before they are read (Parquet)
+    max_batch_bytes: int  # MAX_CHUNK_BYTES: bytes of rows in one batch
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Limits:
+        """The limits the settings give (the process's own when None)."""
+        s = settings or get_settings()
+        return cls(s.MAX_UPLOAD_BYTES, s.MAX_COLUMNS, s.MAX_CELL_BYTES, s.MAX_JOB_ROWS, s.MAX_CHUNK_BYTES)
 
 
 class RowError(NamedTuple):
@@ -96,18 +123,22 @@ class Reader:
 
     columns: list[str]
 
-    def __init__(self, columns: list[str], wanted: list[str] | None, batch_rows: int):
+    def __init__(self, columns: list[str], wanted: list[str] | None, batch_rows: int, limits: Limits):
+        if len(columns) > limits.max_columns:
+            raise too_wide(len(columns), limits)
         _check_names(columns)
         self.columns = columns
         self._keep = _keep(columns, wanted)
         self._batch_rows = batch_rows
+        self._limits = limits
         self._pending: deque[RowError] = deque()
         self._batches: Generator[Batch, None, None] | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         if self._batches is not None:
             raise RuntimeError("a reader can only be iterated once")
-        self._batches = _rebatch(self._pieces(), self._pending, self._batch_rows, self._schema())
+        self._batches = _rebatch(self._pieces(), self._pending, self._batch_rows, self._schema(),
+                                 self._limits.max_batch_bytes)
         return self._batches
 
     def close(self) -> None:
@@ -136,21 +167,192 @@ class Reader:
 
 
 def open_reader(fmt: str, stream: BinaryIO, *, wanted: list[str] | None = None,
-                batch_rows: int = 65536, spool_dir: str | None = None, split_csv: bool = False) -> Reader:
+                batch_rows: int = 65536, spool_dir: str | None = None, split_csv: bool = False,
+                limits: Limits | None = None) -> Reader:
     """A reader over the stream, having read just enough of it to know the file's columns.
 
     With split_csv, CSV comes as CsvPiece items of batch_rows records for workers to parse (parse_csv_piece),
-    as far as the file allows, and as Batch items after that.
+    as far as the file allows, and as Batch items after that. `limits` default to the process's settings.
+    The file's first bytes must fit its format: a compressed file, an image or Parquet bytes named .csv are
+    refused (InvalidFile) before anything else is read.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
+    if fmt not in FORMATS:
+        raise UnsupportedFormat(f"Unsupported file format {fmt!r}: send {_ACCEPTED}.",
+                                details={"accepted": list(FORMATS)})
+    limits = limits or Limits.from_settings()
+    guarded = _Guarded(stream, limits.max_bytes)
+    _check_content(fmt, guarded.head)
     if fmt == "csv":
-        return _CsvSplitter(stream, wanted, batch_rows) if split_csv else _CsvReader(stream, wanted, batch_rows)
+        if split_csv:
+            return _CsvSplitter(guarded, wanted, batch_rows, limits)
+        return _CsvReader(guarded, wanted, batch_rows, limits=limits)
     if fmt == "jsonl":
-        return _JsonlReader(stream, wanted, batch_rows)
+        return _JsonlReader(guarded, wanted, batch_rows, limits)
+    return _ParquetReader(guarded, wanted, batch_rows, spool_dir, limits)
+
+
+# -- limits and content checks ------------------------------------------------------------------------
+
+def too_wide(columns: int | str, limits: Limits) -> InvalidFile:
+    """The error for a file with more columns than MAX_COLUMNS."""
+    return InvalidFile(f"The file has {columns} columns, more than the {limits.max_columns} accepted (MAX_COLUMNS).",
+                       details={"limit": "MAX_COLUMNS", "max": limits.max_columns})
+
+
+def too_many_rows(max_rows: int, rows: int | None = None) -> TooLarge:
+    """The error for an input with more rows than MAX_JOB_ROWS (`rows`: how many, when known)."""
+    has = f"has {rows} rows, more" if rows is not None else "has more rows"
+    return TooLarge(f"The input {has} than the {max_rows} one job accepts (MAX_JOB_ROWS); split it into several "
+                    "jobs.", details={"limit": "MAX_JOB_ROWS", "max": max_rows})
+
+
+class _Guarded(io.RawIOBase):
+    """A stream's bytes, counted: more than max_bytes raise TooLarge. Its first bytes are read at once (`head`)."""
+
+    def __init__(self, stream: BinaryIO, max_bytes: int):
+        super().__init__()
+        self._stream = stream
+        self._max = max_bytes
+        self._count = 0
+        self.head = self._counted(_read_full(stream, _SNIFF))
+        self._pending = self.head
+
+    def readable(self) -> bool:
+        return True
+
+    def _counted(self, data: bytes) -> bytes:
+        self._count += len(data)
+        if self._count > self._max:
+            raise TooLarge(f"The file is larger than the {self._max} bytes accepted (MAX_UPLOAD_BYTES).",
+                           details={"limit": "MAX_UPLOAD_BYTES", "max": self._max})
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:  # to the end, counted a piece at a time
+            return b"".join(iter(lambda: self.read(_SPOOL_PIECE), b""))
+        if self._pending:
+            out, self._pending = self._pending[:size], self._pending[size:]
+            return out
+        return self._counted(self._stream.read(size))
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+# Magic numbers of files that are sometimes sent by mistake, or on purpose, under a text format's name. Only
+# ones that text cannot start with: each has a byte that is not printable ASCII.
+_MAGIC = (
+    (b"PK\x03\x04", "a zip archive (an Excel workbook is one)"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (b"\xfd7zXZ\x00", "xz-compressed data"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"%PDF-", "a PDF document"),
+    (b"\x7fELF", "an executable"),
+    (b"ARROW1\x00\x00", "an Arrow IPC file"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"\xff\xfe", "UTF-16 text (send UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (send UTF-8)"),
+    (b"\xd0\xcf\x11\xe0", "an old Office document"),
+)
+
+
+def _looks_like(head: bytes) -> str | None:
+    """What the first bytes of a file say it is, when they say it is not CSV or JSON Lines text."""
+    # "PAR1" alone could begin a CSV header; Parquet's first page header after it starts with a control byte.
+    if head.startswith(b"PAR1") and len(head) > 4 and head[4] < 0x20 and head[4] not in b"\t\n\r":
+        return "a Parquet file"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    return None
+
+
+def _check_content(fmt: str, head: bytes) -> None:
+    """Refuse a file whose first bytes belong to another type than its name or content type says."""
     if fmt == "parquet":
-        return _ParquetReader(stream, wanted, batch_rows, spool_dir)
-    raise UnsupportedFormat(f"Unsupported file format {fmt!r}: send {_ACCEPTED}.", details={"accepted": list(FORMATS)})
+        if not head:
+            raise InvalidFile("The file is empty.")
+        if head.startswith(b"PAR1"):
+            return
+        what = _looks_like(head)
+        if what is None:
+            what = "text (CSV or JSON Lines?)" if _is_text(head) else "binary data of another kind"
+        raise InvalidFile(f"The file is not Parquet (which starts with PAR1): it looks like {what}.",
+                          details={"detected": what})
+    what = _looks_like(head)
+    if what is not None:
+        name = "CSV" if fmt == "csv" else "JSON Lines"
+        hint = " Send Parquet as a .parquet file." if what == "a Parquet file" else (
+            " Decompress it first." if "compressed" in what or "archive" in what else "")
+        raise InvalidFile(f"The file was sent as {name}, but it looks like {what}.{hint}", details={"detected": what})
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # a character cut off at the end of what was looked at
+    return "\x00" not in head.decode("utf-8", "replace")
+
+
+def _drop_long_cells(table: pa.Table, max_bytes: int) -> tuple[pa.Table, list[RowError]]:
+    """The table without rows that have a text value longer than max_bytes, and an error for each of those."""
+    over = None
+    first_column: list[str] = []
+    for name, column in zip(table.column_names, table.columns):
+        lengths = _value_lengths(column)
+        if lengths is None:
+            continue
+        long = pc.fill_null(pc.greater(lengths, max_bytes), False)
+        if not pc.any(long).as_py():
+            continue
+        if over is None:
+            over = long
+            first_column = [name] * len(table)
+        else:
+            fresh = pc.and_(long, pc.invert(over)).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(fresh):
+                first_column[i] = name
+            over = pc.or_(over, long)
+    if over is None:
+        return table, []
+    rows = table.column(ROW).to_numpy()
+    errors = [RowError(int(rows[i]), "invalid_value",
+                       f"the value of {first_column[i]!r} is longer than the {max_bytes} bytes accepted "
+                       "(MAX_CELL_BYTES)") for i in np.flatnonzero(over.to_numpy(zero_copy_only=False))]
+    return table.filter(pc.invert(over)), errors
+
+
+def _value_lengths(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Bytes of each text value (None for a column that holds no text); a dictionary's values are not decoded."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        if not any(check(t.value_type) for check in _TEXT):
+            return None
+        return pa.chunked_array([pc.take(pc.binary_length(c.dictionary), c.indices) for c in column.chunks],
+                                type=pa.int64() if "large" in str(t.value_type) else pa.int32())
+    if any(check(t) for check in _TEXT):
+        return pc.binary_length(column)
+    return None
+
+
+def _queue(pending: deque[RowError], errors: list[RowError]) -> None:
+    """Add errors to the queue, which stays in input order."""
+    if not errors:
+        return
+    if pending and pending[-1].row > errors[0].row:
+        merged = sorted([*pending, *errors], key=lambda e: e.row)
+        pending.clear()
+        pending.extend(merged)
+    else:
+        pending.extend(errors)
 
 
 # -- shared helpers -------------------------------------------------------------------------------------
@@ -175,24 +377,29 @@ def _check_names(columns: list[str]) -> None:
 
 
 def _rebatch(pieces: Iterable[pa.Table], pending: deque[RowError], batch_rows: int,
-             schema: pa.Schema) -> Generator[Batch, None, None]:
-    """Batches of at most batch_rows rows from pieces of any size; pieces typed differently are never merged."""
+             schema: pa.Schema, max_bytes: int) -> Generator[Batch, None, None]:
+    """Batches of at most batch_rows rows from pieces of any size; pieces typed differently are never merged.
+
+    A batch also ends before a piece that would take it past max_bytes.
+    """
     held: list[pa.Table] = []
-    held_rows = 0
+    held_rows = held_bytes = 0
     for piece in pieces:
         if not piece.num_rows:
             continue
-        if held and not piece.schema.equals(schema, check_metadata=True):
+        if held and (not piece.schema.equals(schema, check_metadata=True) or held_bytes + piece.nbytes > max_bytes):
             yield _batch(pa.concat_tables(held), pending)
-            held, held_rows = [], 0
+            held, held_rows, held_bytes = [], 0, 0
         schema = piece.schema
         held.append(piece)
         held_rows += piece.num_rows
+        held_bytes += piece.nbytes
         while held_rows >= batch_rows:
             table = pa.concat_tables(held)  # zero-copy: the chunks are only referenced
             yield _batch(table.slice(0, batch_rows), pending)
             rest = table.slice(batch_rows)
             held, held_rows = ([rest] if rest.num_rows else []), rest.num_rows
+            held_bytes = rest.nbytes if rest.num_rows else 0
     if held:
         yield _batch(pa.concat_tables(held), pending)
     if pending:
@@ -286,17 +493,19 @@ class _CsvReader(Reader):
     """CSV with a header row, parsed by pyarrow's streaming reader with every kept column as text."""
 
     def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, *,
-                 columns: list[str] | None = None, base: int = 0, floats: Sequence[str] = ()):
+                 columns: list[str] | None = None, base: int = 0, floats: Sequence[str] = (),
+                 limits: Limits | None = None):
         """With `columns`, the stream starts after the header, its first record at input position `base`.
 
         Columns named in `floats` are parsed as float64 directly; a cell that is not a number raises
         _NotNumbers (the caller reads them as text instead, for validation to name the bad cells).
         """
+        limits = limits or Limits.from_settings()
         if columns is None:
-            columns, rest = _read_header(stream)
+            columns, rest = _read_header(stream, limits.max_columns)
         else:
             rest = b""
-        super().__init__(columns, wanted, batch_rows)
+        super().__init__(columns, wanted, batch_rows, limits)
         self._source = _Replay(rest, stream)
         self._floats = set(floats)
         self._base = base
@@ -323,7 +532,10 @@ class _CsvReader(Reader):
             for batch in reader:
                 self._source.parsed_one()
                 table = pa.Table.from_batches([batch]).select(self._keep)
-                yield table.append_column(ROW, pa.array(self._positions(batch.num_rows)))
+                table = table.append_column(ROW, pa.array(self._positions(batch.num_rows)))
+                table, long = _drop_long_cells(table, self._limits.max_cell_bytes)
+                _queue(self._pending, long)
+                yield table
         except pa.ArrowException as exc:
             if self._floats and "CSV conversion error" in str(exc):
                 raise _NotNumbers() from exc
@@ -385,9 +597,9 @@ class _CsvSplitter(Reader):
     Text that is not UTF-8 is refused here, as by _CsvReader, so that it never reaches a worker.
     """
 
-    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int):
-        header, rest = _read_header(stream)
-        super().__init__(header, wanted, batch_rows)
+    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, limits: Limits):
+        header, rest = _read_header(stream, limits.max_columns)
+        super().__init__(header, wanted, batch_rows, limits)
         self._stream = stream
         self._head = rest
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
@@ -423,7 +635,8 @@ class _CsvSplitter(Reader):
     def _items(self) -> Generator[Any, None, None]:
         base = 0                 # input position of the first record not yet in a piece
         held: list[bytes] = []   # whole lines not yet in a piece (the last may lack its line feed at the end)
-        held_rows = 0
+        held_rows = held_bytes = 0
+        max_bytes = self._limits.max_batch_bytes  # a piece of wide records ends before batch_rows at this size
         last = b"\n"             # the byte before the current block (the header's line feed at first)
         line = 0                 # bytes of the line not yet ended (a record may not outgrow a parser block)
         while block := self._next_block():
@@ -438,7 +651,8 @@ class _CsvSplitter(Reader):
             line = line + len(block) if first_break < 0 else len(block) - block.rfind(b"\n") - 1
             plain = not _has_empty_line(block, last, cr)
             count = block.count(b"\n") if plain else -1
-            if count < 0 or held_rows + count >= self._batch_rows:  # a piece ends in this block
+            full = held_bytes + len(block) >= max_bytes
+            if count < 0 or held_rows + count >= self._batch_rows or full:  # a piece ends in this block
                 ends = _record_ends(block, last, plain)
                 start = 0
                 while held_rows + len(ends) >= self._batch_rows:
@@ -447,13 +661,22 @@ class _CsvSplitter(Reader):
                     held.append(block[start:cut])
                     yield CsvPiece(b"".join(held), self._batch_rows, base)
                     base += self._batch_rows
-                    held, held_rows = [], 0
+                    held, held_rows, held_bytes = [], 0, 0
                     ends, start = ends[take:], cut
+                if full and len(ends) and held_bytes + len(block) - start >= max_bytes:
+                    cut = int(ends[-1]) + 1  # the records so far make a piece of their own
+                    held.append(block[start:cut])
+                    yield CsvPiece(b"".join(held), held_rows + len(ends), base)
+                    base += held_rows + len(ends)
+                    held, held_rows, held_bytes = [], 0, 0
+                    ends, start = ends[:0], cut
                 held.append(block[start:])
                 held_rows += len(ends)
+                held_bytes += len(block) - start
             else:
                 held.append(block)
                 held_rows += count
+                held_bytes += len(block)
             last = block[-1:]
         tail = b"".join(held)
         if tail and not tail.endswith(b"\n") and tail.rsplit(b"\n", 1)[-1] not in (b"", b"\r"):
@@ -467,7 +690,8 @@ class _CsvSplitter(Reader):
         self._offset += len(self._head)
         head, self._head = head + self._head, b""
         stream = _Joined(head, self._stream, self._utf8, self._offset)
-        self._parser = _CsvReader(stream, self._keep, self._batch_rows, columns=self.columns, base=base)
+        self._parser = _CsvReader(stream, self._keep, self._batch_rows, columns=self.columns, base=base,
+                                  limits=self._limits)
         yield from self._parser
 
 
@@ -529,16 +753,18 @@ def _check_utf8(decoder: codecs.IncrementalDecoder, data: bytes, offset: int) ->
 
 
 def parse_csv_piece(piece: CsvPiece, columns: list[str], wanted: list[str],
-                    floats: Sequence[str]) -> tuple[pa.Table, list[RowError]]:
+                    floats: Sequence[str], limits: Limits | None = None) -> tuple[pa.Table, list[RowError]]:
     """A piece's rows (wanted columns and ``__row``) and malformed records, as _CsvReader reads them.
 
     Numeric columns are parsed as float64; if one of them has a cell that is not a number, the piece is read
     again with every column as text. A piece whose record count differs from the splitter's (which cannot
     happen for text the splitter leaves unparsed) has every row reported as malformed rather than misplaced.
+    A row with a text value longer than MAX_CELL_BYTES is an invalid_value error (`limits`: the settings').
     """
+    limits = limits or Limits.from_settings()
     for typed in (floats, ()):
         reader = _CsvReader(io.BytesIO(piece.data), wanted, max(piece.rows, 1), columns=columns, base=piece.base,
-                            floats=typed)
+                            floats=typed, limits=limits)
         try:
             with reader:
                 batches = list(reader)
@@ -561,10 +787,13 @@ def _unreadable(piece: CsvPiece, reader: _CsvReader, reason: str) -> tuple[pa.Ta
                                                      f"cannot be read as CSV: {reason}") for i in range(piece.rows)]
 
 
-def _read_header(stream: BinaryIO) -> tuple[list[str], bytes]:
-    """The header row's names and the bytes read beyond it."""
+def _read_header(stream: BinaryIO, max_columns: int) -> tuple[list[str], bytes]:
+    """The header row's names and the bytes read beyond it; InvalidFile past max_columns names (MAX_COLUMNS)."""
     buf = b""
     while (end := _header_end(buf)) < 0:
+        if buf.count(b",") >= max_columns:  # the header is not read to its end to be refused
+            raise InvalidFile(f"The header has more than {max_columns} columns, the most accepted (MAX_COLUMNS).",
+                              details={"limit": "MAX_COLUMNS", "max": max_columns})
         if len(buf) > _MAX_HEADER:
             raise InvalidFile(f"No header line in the first {_MAX_HEADER >> 20} MiB: this does not look like CSV.")
         chunk = _read_full(stream, _PEEK)
@@ -603,6 +832,14 @@ def _parse_header(line: bytes) -> list[str]:
         raise InvalidFile("The file is not valid UTF-8 text, so it cannot be read as CSV.") from None
     if "\x00" in text:
         raise InvalidFile("The file holds binary data, not CSV text.")
+    if text.lstrip().startswith("{") and text.rstrip().endswith("}"):
+        try:
+            is_object = isinstance(orjson.loads(text), dict)
+        except orjson.JSONDecodeError:
+            is_object = False
+        if is_object:
+            raise InvalidFile("The file was sent as CSV, but its first line is a JSON object: it looks like JSON "
+                              "Lines. Send it as a .jsonl file.", details={"detected": "JSON Lines"})
     names = next(csv.reader(io.StringIO(text, newline="")), [])
     if not names:
         raise InvalidFile("The first line must be a header row naming the columns.")
@@ -625,41 +862,55 @@ def _csv_error(exc: pa.ArrowException) -> InvalidFile:
 class _JsonlReader(Reader):
     """One JSON object per line, parsed a block of lines at a time; blank lines are skipped and take no position.
 
-    A block is parsed by pyarrow when it can be, else line by line. A column whose values in a block are of
-    mixed JSON types, or objects/arrays, holds each non-null value as JSON text and is named in the table's
-    schema metadata under JSON_MIXED_KEY, so that validation can tell the string "1.5" from the number 1.5.
-    `columns` is the union of the keys in the first block; keys first seen later are ignored.
+    `columns` are the keys of the first block's objects (at most MAX_COLUMNS of them; keys first seen later are
+    ignored), found by parsing its lines with orjson, which also tells each kept column's JSON type. Every block
+    is then parsed by pyarrow, told the type of each kept column and to ignore every other key (so that no line
+    can make it build a column per key, or recurse into a deeply nested value), and line by line when that does
+    not give every line its record. A column whose values in a block are of mixed JSON types, or objects/arrays,
+    holds each non-null value as JSON text and is named in the table's schema metadata under JSON_MIXED_KEY, so
+    that validation can tell the string "1.5" from the number 1.5. A line still unended at _MAX_LINE bytes is a
+    malformed row, skipped unread.
     """
 
-    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int):
+    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, limits: Limits):
         self._stream = stream
         self._tail = b""
         self._eof = False
-        self._line = 0                   # physical lines consumed
-        self._pos = 0                    # records (non-blank lines) consumed
-        self._as_text: set[str] = set()  # columns pyarrow would otherwise turn into timestamps
+        self._skipping = False              # inside a line too long to hold, reading on to its end
+        self._long_lines: set[int] = set()  # physical line numbers (1-based) of such lines
+        self._line = 0                      # physical lines consumed
+        self._pos = 0                       # records (non-blank lines) consumed
         block = self._next_block()
         if block is None:
             raise InvalidFile("The file is empty.")
         if block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8):]
-        first, errors = self._parse(block, None)
+        columns, self._types = _survey(block, wanted, limits)
+        super().__init__(columns, wanted, batch_rows, limits)
+        first, errors = self._parse(block, self._keep)
         if not first.num_rows:
             reason = errors[0].message if errors else "it holds only blank lines"
             raise InvalidFile(f"The file cannot be read as JSON Lines: {reason}.")
-        super().__init__(first.column_names[:-1], wanted, batch_rows)
-        self._head = [(_conform(first, self._keep), errors)]  # parsed to learn the columns; handed out first
+        mixed = json_mixed_columns(first.schema)
+        # What pyarrow is told to expect of each kept column: its first block's type (text for mixed ones).
+        self._types = {c: pa.string() if c in mixed else first.schema.field(c).type for c in self._keep}
+        self._head = [self._checked(_conform(first, self._keep), errors)]  # parsed to learn the columns
 
     def _pieces(self) -> Iterator[pa.Table]:
         table, errors = self._head.pop()
         while True:
-            self._pending.extend(errors)
+            _queue(self._pending, errors)
             yield table
             block = self._next_block()
             if block is None:
                 return
             table, errors = self._parse(block, self._keep)
-            table = _conform(table, self._keep)
+            table, errors = self._checked(_conform(table, self._keep), errors)
+
+    def _checked(self, table: pa.Table, errors: list[RowError]) -> tuple[pa.Table, list[RowError]]:
+        """The table without rows whose text is too long, and the block's errors with theirs, in input order."""
+        table, long = _drop_long_cells(table, self._limits.max_cell_bytes)
+        return table, sorted(errors + long, key=lambda e: e.row) if long else errors
 
     def _next_block(self) -> bytes | None:
         """The next run of whole lines (about _JSON_BLOCK bytes, ending with a newline), or None at the end."""
@@ -667,55 +918,68 @@ class _JsonlReader(Reader):
         while not self._eof:
             chunk = _read_full(self._stream, _JSON_BLOCK)
             self._eof = len(chunk) < _JSON_BLOCK
+            if self._skipping:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    continue
+                self._skipping = False
+                chunk = chunk[end + 1:]
             buf += chunk
             cut = buf.rfind(b"\n") + 1
+            if len(buf) - cut > _MAX_LINE:
+                # A placeholder stands for the line, whose bytes are dropped as they come, up to its end.
+                self._long_lines.add(self._line + buf.count(b"\n", 0, cut) + 1)
+                buf = buf[:cut] + _LONG_LINE
+                cut = len(buf)
+                self._skipping = not self._eof
             if cut:
                 self._tail = buf[cut:]
                 return buf[:cut]
-            if len(buf) > _MAX_LINE:
-                raise InvalidFile(f"Line {self._line + 1} is longer than {_MAX_LINE >> 20} MiB.")
         self._tail = b""
         if not buf:
             return None
         return buf if buf.endswith(b"\n") else buf + b"\n"
 
-    def _parse(self, block: bytes, names: list[str] | None) -> tuple[pa.Table, list[RowError]]:
-        """The block's records (columns `names`, or every key if None, then __row) and its malformed lines."""
+    def _parse(self, block: bytes, names: list[str]) -> tuple[pa.Table, list[RowError]]:
+        """The block's records (columns `names`, then __row) and its malformed lines."""
         table = self._parse_fast(block, names)
         if table is None:
-            return self._parse_lines(block, names)
+            table, errors = self._parse_lines(block, names)
+            mixed = json_mixed_columns(table.schema)
+            for c in names:  # a column with no value so far takes the type of its first values
+                if (self._types.get(c) is None or pa.types.is_null(self._types[c])) and c not in mixed:
+                    self._types[c] = table.schema.field(c).type
+            return table, errors
         rows = pa.array(np.arange(self._pos, self._pos + table.num_rows, dtype=np.int64))
         self._pos += table.num_rows
         self._line += table.num_rows
         return table.append_column(ROW, rows), []
 
-    def _parse_fast(self, block: bytes, names: list[str] | None) -> pa.Table | None:
+    def _parse_fast(self, block: bytes, names: list[str]) -> pa.Table | None:
         """The block parsed by pyarrow, or None when only parsing line by line gives every record its place."""
         if _BLANK_LINE.search(block) or _BLANK_FIRST_LINE.match(block):
             return None  # pyarrow skips blank lines too, but then its rows could not be matched to lines
+        if any(self._types.get(c) is None for c in names):
+            return None  # a column of mixed types: only line parsing keeps each value's JSON type
+        if not block.isascii():
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError:
+                return None  # pyarrow would keep the bytes of a text it is told to expect: lines find the bad one
+        schema = pa.schema([(c, self._types[c]) for c in names])
         try:
-            table = self._read_json(block)
-            temporal = [f.name for f in table.schema if pa.types.is_temporal(f.type)]
-            if temporal:
-                # pyarrow reads ISO-looking strings as timestamps: keep them the strings they are, as lines parse.
-                self._as_text.update(temporal)
-                table = self._read_json(block).select(table.column_names)
+            table = pajson.read_json(pa.BufferReader(block),
+                                     read_options=pajson.ReadOptions(use_threads=True, block_size=_JSON_ARROW_BLOCK),
+                                     parse_options=pajson.ParseOptions(explicit_schema=schema,
+                                                                       unexpected_field_behavior="ignore"))
         except (pa.ArrowException, ValueError):
-            return None  # mixed types in a column, a line that is not an object, invalid UTF-8...
-        kept = table.column_names if names is None else [c for c in names if c in table.column_names]
+            return None  # a value of another type, a line that is not an object, invalid UTF-8...
         # With no blank line, as many rows as lines means exactly one object per line.
-        if table.num_rows != block.count(b"\n") or not all(_plain(table.schema.field(c).type) for c in kept):
+        if table.num_rows != block.count(b"\n"):
             return None
-        return table
+        return table.select(names)
 
-    def _read_json(self, block: bytes) -> pa.Table:
-        """pyarrow's parse of the block, with the columns once seen as timestamps read as text."""
-        schema = pa.schema([(c, pa.string()) for c in sorted(self._as_text)]) if self._as_text else None
-        return pajson.read_json(pa.BufferReader(block),
-                                read_options=pajson.ReadOptions(use_threads=True, block_size=_JSON_ARROW_BLOCK),
-                                parse_options=pajson.ParseOptions(explicit_schema=schema))
-
-    def _parse_lines(self, block: bytes, names: list[str] | None) -> tuple[pa.Table, list[RowError]]:
+    def _parse_lines(self, block: bytes, names: list[str]) -> tuple[pa.Table, list[RowError]]:
         """The block parsed line by line: malformed lines become errors, the objects columns."""
         records: list[dict[str, Any]] = []
         rows: list[int] = []
@@ -724,6 +988,11 @@ class _JsonlReader(Reader):
             self._line += 1
             if not line.strip():
                 continue
+            if self._line in self._long_lines:
+                errors.append(RowError(self._pos, "malformed_row",
+                                       f"line {self._line}: longer than {_MAX_LINE >> 20} MiB, the most accepted"))
+                self._pos += 1
+                continue
             value = _load_object(line)
             if isinstance(value, str):
                 errors.append(RowError(self._pos, "malformed_row", f"line {self._line}: not a JSON object: {value}"))
@@ -731,13 +1000,60 @@ class _JsonlReader(Reader):
                 records.append(value)
                 rows.append(self._pos)
             self._pos += 1
-        if names is None:
-            names = list(dict.fromkeys(k for r in records for k in r))
-        return objects_table(records, rows, names), errors
+        table, nested = objects_table(records, rows, names)
+        return table, sorted(errors + nested, key=lambda e: e.row) if nested else errors
 
 
-def objects_table(objects: Sequence[dict[str, Any]], rows: Sequence[int], names: Sequence[str]) -> pa.Table:
-    """Parsed JSON objects as a table of the named columns plus __row, keeping each value's JSON type."""
+_JSON_TYPES = {frozenset(): pa.null(), frozenset({int}): pa.int64(), frozenset({float}): pa.float64(),
+               frozenset({int, float}): pa.float64(), frozenset({str}): pa.string(), frozenset({bool}): pa.bool_()}
+
+
+def _survey(block: bytes, wanted: list[str] | None,
+            limits: Limits) -> tuple[list[str], dict[str, pa.DataType | None]]:
+    """The keys of the block's objects in the order they first appear, and the Arrow type each wanted key's values
+    share (None: mixed JSON types); InvalidFile past MAX_COLUMNS keys."""
+    seen: dict[str, Any] = {}
+    kinds: dict[str, set[type]] = {}
+    for line in block.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(value, dict):
+            continue
+        seen.update(value)  # keys already seen keep their place
+        if len(seen) > limits.max_columns:
+            raise InvalidFile(f"The file's objects have more than {limits.max_columns} different keys, the most "
+                              "columns accepted (MAX_COLUMNS).",
+                              details={"limit": "MAX_COLUMNS", "max": limits.max_columns})
+        for key in (value if wanted is None else wanted):
+            v = value.get(key)
+            if v is not None:
+                kinds.setdefault(key, set()).add(type(v))
+    types = {key: _JSON_TYPES.get(frozenset(kinds.get(key, ()))) for key in seen}
+    return list(seen), types
+
+
+def objects_table(objects: Sequence[dict[str, Any]], rows: Sequence[int],
+                  names: Sequence[str]) -> tuple[pa.Table, list[RowError]]:
+    """Parsed JSON objects as a table of the named columns plus __row, keeping each value's JSON type.
+
+    An object with a named value nested too deeply to be kept as JSON text is left out, as a malformed_row.
+    """
+    try:
+        return _objects_table(objects, rows, names), []
+    except orjson.JSONEncodeError:
+        pass
+    good = [i for i, o in enumerate(objects) if _encodable(o, names)]
+    bad = sorted(set(range(len(objects))) - set(good))
+    errors = [RowError(rows[i], "malformed_row", f"row {rows[i]}: a value is nested more than {_MAX_DEPTH} levels deep")
+              for i in bad]
+    return _objects_table([objects[i] for i in good], [rows[i] for i in good], names), errors
+
+
+def _objects_table(objects: Sequence[dict[str, Any]], rows: Sequence[int], names: Sequence[str]) -> pa.Table:
     arrays, mixed = [], []
     for name in names:
         array, is_mixed = json_column([o.get(name) for o in objects])
@@ -748,8 +1064,20 @@ def objects_table(objects: Sequence[dict[str, Any]], rows: Sequence[int], names:
     return pa.Table.from_arrays(arrays, names=[*names, ROW], metadata=_marker(mixed))
 
 
-def records_batches(records: Sequence[Any], wanted: Sequence[str], batch_rows: int) -> Iterator[Batch]:
-    """The `rows` of a JSON request body as batches; an element that is not an object is a malformed_row."""
+def _encodable(record: dict[str, Any], names: Sequence[str]) -> bool:
+    try:
+        for name in names:
+            orjson.dumps(record.get(name))
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
+def records_batches(records: Sequence[Any], wanted: Sequence[str], batch_rows: int,
+                    limits: Limits | None = None) -> Iterator[Batch]:
+    """The `rows` of a JSON request body as batches; an element that is not an object is a malformed_row, and
+    one with a text value longer than MAX_CELL_BYTES an invalid_value."""
+    max_cell = (limits or Limits.from_settings()).max_cell_bytes
     for start in range(0, len(records), batch_rows):
         objects, rows, errors = [], [], []
         for pos, record in enumerate(records[start:start + batch_rows], start):
@@ -758,7 +1086,11 @@ def records_batches(records: Sequence[Any], wanted: Sequence[str], batch_rows: i
                 rows.append(pos)
             else:
                 errors.append(RowError(pos, "malformed_row", f"row {pos} is not a JSON object"))
-        yield Batch(objects_table(objects, rows, wanted), errors)
+        table, nested = objects_table(objects, rows, wanted)
+        table, long = _drop_long_cells(table, max_cell)
+        if nested or long:
+            errors = sorted(errors + nested + long, key=lambda e: e.row)
+        yield Batch(table, errors)
 
 
 def _load_object(line: bytes) -> dict[str, Any] | str:
@@ -784,12 +1116,6 @@ def json_column(values: Sequence[Any]) -> tuple[pa.Array, bool]:
     return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], type=pa.string()), True
 
 
-def _plain(t: pa.DataType) -> bool:
-    """Whether pyarrow typed a column as line parsing would (anything else is parsed line by line)."""
-    return (pa.types.is_null(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
-            or t == pa.int64() or t == pa.float64())
-
-
 def _marker(mixed: list[str]) -> dict[bytes, bytes] | None:
     """Schema metadata naming the columns that hold JSON texts."""
     return {JSON_MIXED_KEY: ",".join(mixed).encode()} if mixed else None
@@ -807,28 +1133,93 @@ def _conform(table: pa.Table, names: list[str]) -> pa.Table:
 # -- Parquet ------------------------------------------------------------------------------------------
 
 class _ParquetReader(Reader):
-    """Parquet, spooled to a temporary file because its footer comes last; column types stay as in the file."""
+    """Parquet, spooled to a temporary file because its footer comes last; column types stay as in the file.
 
-    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, spool_dir: str | None):
+    Before any row is read, the footer's size, the column count (MAX_COLUMNS), the row count (MAX_JOB_ROWS) and
+    the uncompressed size of each kept column chunk per row (MAX_CELL_BYTES) are checked, and batches are sized so
+    that one decompresses to about MAX_CHUNK_BYTES. Text columns are read as dictionaries and decoded by the
+    reader, a batch at a time, after rows with values longer than MAX_CELL_BYTES are set aside: a short file
+    whose few long values are repeated on every row cannot make a batch decode to gigabytes.
+    """
+
+    def __init__(self, stream: BinaryIO, wanted: list[str] | None, batch_rows: int, spool_dir: str | None,
+                 limits: Limits):
         self._path: str | None = _spool(stream, spool_dir)
         self._source: pa.NativeFile | None = None
         try:
-            if not os.path.getsize(self._path):
+            size = os.path.getsize(self._path)
+            if not size:
                 raise InvalidFile("The file is empty.")
             self._source = pa.OSFile(self._path)  # not mapped: mapped pages would count in the process's memory
+            _check_footer(self._source, size)
             self._file = _open_parquet(self._source)
-            super().__init__(self._file.schema_arrow.names, wanted, batch_rows)
+            metadata = self._file.metadata
+            if metadata.num_columns > limits.max_columns:
+                raise too_wide(metadata.num_columns, limits)
+            if metadata.num_rows > limits.max_rows:
+                raise too_many_rows(limits.max_rows, metadata.num_rows)
+            super().__init__(self._file.schema_arrow.names, wanted, batch_rows, limits)
+            schema = self._file.schema_arrow
+            # Text columns the file does not itself store as dictionaries: read as dictionaries, decoded here.
+            self._decode = [c for c in self._keep if any(check(schema.field(c).type) for check in _TEXT)]
+            if self._decode:
+                self._file = pq.ParquetFile(self._source, metadata=metadata, read_dictionary=self._decode,
+                                            buffer_size=_SPOOL_PIECE, pre_buffer=False)
+            self._batch_size = self._plan(schema)
         except BaseException:
             self._release()
             raise
 
+    def _plan(self, schema: pa.Schema) -> int:
+        """Rows per batch read; InvalidFile when a kept column's values are longer than MAX_CELL_BYTES on average."""
+        metadata = self._file.metadata
+        leaves, start = {}, 0
+        for f in schema:
+            n = _leaf_count(f.type)
+            leaves[f.name] = range(start, start + n)
+            start += n
+        known = start == metadata.num_columns  # else an unusual mapping of Arrow to Parquet: judge whole rows
+        limit = self._limits.max_cell_bytes
+        row_bytes = 1.0
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            rows = max(group.num_rows, 1)
+            if not known:
+                row_bytes = max(row_bytes, group.total_byte_size / rows)
+                continue
+            total = 0.0
+            for name in self._keep:
+                size = sum(group.column(i).total_uncompressed_size for i in leaves[name])
+                if size / rows > limit:
+                    raise InvalidFile(f"Column {name!r} holds {size // rows} bytes a row on average (row group {g}), "
+                                      f"more than the {limit} bytes one value may hold (MAX_CELL_BYTES): the file is "
+                                      "not read.", details={"limit": "MAX_CELL_BYTES", "max": limit, "column": name})
+                total += max(size / rows, 8)  # decoded, a value takes at least 8 bytes (its value or offset)
+            row_bytes = max(row_bytes, total)
+        return max(1, min(self._batch_rows, int(self._limits.max_batch_bytes // row_bytes)))
+
     def _pieces(self) -> Iterator[pa.Table]:
         position = 0
+        max_bytes = self._limits.max_batch_bytes
         try:
-            for batch in self._file.iter_batches(batch_size=self._batch_rows, columns=self._keep, use_threads=False):
+            for batch in self._file.iter_batches(batch_size=self._batch_size, columns=self._keep, use_threads=False):
                 rows = pa.array(np.arange(position, position + batch.num_rows, dtype=np.int64))
                 position += batch.num_rows
-                yield pa.Table.from_batches([batch]).append_column(ROW, rows)
+                table = pa.Table.from_batches([batch]).append_column(ROW, rows)
+                table, long = _drop_long_cells(table, self._limits.max_cell_bytes)
+                _queue(self._pending, long)
+                if not self._decode:
+                    yield table
+                    continue
+                # Decoded, the text columns take the sum of their values' lengths: cut the batch to stay in bounds.
+                lengths = sum(pc.fill_null(_value_lengths(table.column(c)), 0).to_numpy().astype(np.int64)
+                              for c in self._decode)
+                start = 0
+                while start < table.num_rows:
+                    total = np.cumsum(lengths[start:])
+                    stop = start + max(1, int(np.searchsorted(total, max_bytes // 4, side="right")))
+                    yield _decoded(table.slice(start, stop - start), self._decode)
+                    start = stop
         except pa.ArrowException as exc:
             raise InvalidFile("The Parquet file is corrupt.", details={"reason": _detail(exc)}) from exc
 
@@ -839,6 +1230,46 @@ class _ParquetReader(Reader):
         if self._path is not None:
             os.unlink(self._path)
             self._path = None
+
+
+def _decoded(table: pa.Table, names: list[str]) -> pa.Table:
+    """The table with the named dictionary columns decoded to their value type."""
+    for name in names:
+        i = table.column_names.index(name)
+        column = table.column(i)
+        values = pa.chunked_array([c.dictionary_decode() for c in column.chunks], type=column.type.value_type)
+        table = table.set_column(i, pa.field(name, column.type.value_type), values)
+    return table
+
+
+def _leaf_count(t: pa.DataType) -> int:
+    """Parquet columns (leaves) an Arrow type is stored as."""
+    if pa.types.is_struct(t):
+        return sum(_leaf_count(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaf_count(t.key_type) + _leaf_count(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_count(t.value_type)
+    if pa.types.is_dictionary(t):
+        return _leaf_count(t.value_type)
+    return 1
+
+
+def _check_footer(source: pa.NativeFile, size: int) -> None:
+    """Refuse a file that does not end as Parquet does, or whose footer is too large to parse safely."""
+    if size < 12:
+        raise InvalidFile("The file is not a Parquet file, or it is truncated: it is too short.")
+    source.seek(size - 8)
+    tail = source.read(8)
+    source.seek(0)
+    if tail[4:] != b"PAR1":
+        raise InvalidFile("The Parquet file is truncated: it does not end with PAR1, so its footer is missing.")
+    footer = int.from_bytes(tail[:4], "little")
+    if footer > size - 12:
+        raise InvalidFile("The Parquet file is truncated or corrupt: its footer is longer than the file.")
+    if footer > _MAX_FOOTER:
+        raise InvalidFile(f"The Parquet footer is {footer >> 20} MiB, more than the {_MAX_FOOTER >> 20} MiB accepted "
+                          "(a file of too many columns or row groups).", details={"footer_bytes": footer})
 
 
 def _spool(stream: BinaryIO, spool_dir: str | None) -> str:

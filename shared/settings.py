@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     CORS_ORIGINS: str = Field("", description="Comma-separated origins browsers may call from; none: no CORS.")
     MAX_UPLOAD_BYTES: int = Field(20 * 1024**3, ge=1)
     MAX_JSON_BYTES: int = Field(100 * 1024**2, ge=1)
+    MAX_COLUMNS: int = Field(10_000, ge=1, description="Columns a file may have (CSV header, JSON keys, Parquet).")
+    MAX_CELL_BYTES: int = Field(64 * 1024, ge=1, description="Bytes one text value may hold; longer fails its row.")
+    MAX_JOB_ROWS: int = Field(100_000_000, ge=1, description="Rows one job may have.")
+    MAX_CHUNK_BYTES: int = Field(8 * 1024**2, ge=1 << 20, description="Bytes of rows one chunk or batch may hold.")
     SPOOL_DIR: str | None = None
     LOG_LEVEL: str = "INFO"
 

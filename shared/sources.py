@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from shared.errors import InvalidFile, PredqError
+from shared.errors import InvalidFile, PredqError, TooLarge
 
 
 class SourceNotAllowed(PredqError):
@@ -50,10 +51,27 @@ def check_allowed(uri: str, roots: list[str]) -> str:
     raise refuse
 
 
-def open_source(uri: str) -> BinaryIO:
-    """Open a source for reading as a stream (any fsspec URL; s3:// and others need their fsspec package)."""
+def open_source(uri: str, max_bytes: int | None = None) -> BinaryIO:
+    """Open a source for reading as a stream (any fsspec URL; s3:// and others need their fsspec package).
+
+    A local source must be a regular file (a FIFO or a device could block or never end) of at most `max_bytes`
+    (MAX_UPLOAD_BYTES; readers count the bytes of other sources as they read them).
+    """
     import fsspec
 
+    path = _local_path(uri)
+    if path is not None:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError as e:
+            raise InvalidFile(f"The source {uri} does not exist.") from e
+        except OSError as e:
+            raise InvalidFile(f"The source {uri} cannot be read: {e.strerror or e}.") from e
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidFile(f"The source {uri} is not a regular file.")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise TooLarge(f"The source {uri} is larger than the {max_bytes} bytes accepted (MAX_UPLOAD_BYTES).",
+                           details={"limit": "MAX_UPLOAD_BYTES", "max": max_bytes})
     try:
         return fsspec.open(uri, "rb").open()
     except FileNotFoundError as e:
