@@ -6,6 +6,7 @@ from flask import Blueprint, Response, request
 
 from api import schemas
 from api.openapi import operation, query
+from api.models import serving
 from api.parsing import parse_bool
 from api.responses import json_response
 from api.services import services
@@ -69,10 +70,29 @@ def _metric(lines: list[str], name: str, kind: str, help_text: str, samples: lis
         lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
 
 
+def _serving_metrics(lines: list[str]) -> None:
+    """Single predictions: cache hits and misses, micro-batch sizes, counted by the process answering the scrape."""
+    sv = serving()
+    cache = sv.cache
+    _metric(lines, "predq_prediction_cache_hits_total", "counter",
+            "Single predictions answered from the prediction cache, in this web process (each has its own cache).",
+            [({}, cache.hits if cache else 0)])
+    _metric(lines, "predq_prediction_cache_misses_total", "counter",
+            "Single predictions looked up in the prediction cache and not found, in this web process.",
+            [({}, cache.misses if cache else 0)])
+    buckets, batches, rows = sv.batcher.size_histogram()
+    lines.append("# HELP predq_predict_batch_size Rows per micro-batched predict call of single predictions, "
+                 "in this web process.")
+    lines.append("# TYPE predq_predict_batch_size histogram")
+    lines.extend(f'predq_predict_batch_size_bucket{{le="{le}"}} {count}' for le, count in buckets)
+    lines.append(f"predq_predict_batch_size_sum {rows}")
+    lines.append(f"predq_predict_batch_size_count {batches}")
+
+
 @bp.get("/metrics")
 @operation("get", "/metrics", summary="Prometheus metrics", responses={200: "text/plain"})
 def metrics() -> Response:
-    """Gauges read at scrape time: worker liveness, queue length and active jobs (Prometheus text format)."""
+    """Worker liveness, queue length and active jobs read at scrape time; this process's single-prediction counters."""
     svc = services()
     lines: list[str] = []
     try:
@@ -92,4 +112,5 @@ def metrics() -> Response:
             [({"worker": w.name}, w.canary_age) for w in states if w.canary_age is not None])
     _metric(lines, "predq_queue_length", "gauge", "Chunk messages waiting in the broker.", [({}, queue)])
     _metric(lines, "predq_jobs_active", "gauge", "Jobs not yet in a terminal state.", [({}, active)])
+    _serving_metrics(lines)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

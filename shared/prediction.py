@@ -1,12 +1,17 @@
 """The prediction core: validate rows column by column and predict the valid ones in one call.
 
 Pure functions over columns (pyarrow arrays or lists of JSON values), shared by the synchronous
-endpoint and the batch worker so that the two paths cannot disagree.
+endpoint and the batch worker so that the two paths cannot disagree. The synchronous endpoint also has a
+shorter road for one JSON record of a numeric model (`record_plan`), proved equal to this one when a model
+is first used.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import sklearn
+from sklearn.base import BaseEstimator
 
 from shared.registry import Feature, ModelVersion
 
@@ -315,3 +321,199 @@ def json_value(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+# -- one JSON record without a DataFrame (the synchronous hot path) ------------------------------------
+
+_FLOAT, _INT, _BOOL = 0, 1, 2
+_KINDS = {"float64": _FLOAT, "int64": _INT, "bool": _BOOL}
+_INF = math.inf
+_PROBE_ROWS = 64
+
+
+@dataclass(eq=False)
+class NumericRows:
+    """A numeric model's JSON records as float64 rows in its feature order, predicted as an array.
+
+    `estimator` is the model itself, or (for a model fitted on a DataFrame) a twin whose steps no longer
+    remember feature names, so that an array draws no feature-name warning; the twin shares every fitted
+    array with the model. Rows are stacked in the memory order the DataFrame path hands over ("F", as
+    pandas does, or "C", as `validate` stacks plain arrays), so a batch gives the same bits as that path.
+    """
+
+    estimator: Any
+    features: tuple[tuple[str, int], ...]
+    allows_missing: bool
+    order: str
+
+    def row(self, record: Mapping[str, Any]) -> list[float] | None:
+        """The record's values, or None when one is not plainly valid (then `validate` says exactly why)."""
+        out = []
+        append = out.append
+        for name, kind in self.features:
+            v = record.get(name)
+            t = type(v)
+            if t is float:
+                if not -_INF < v < _INF:
+                    return None  # NaN or infinity
+                if (kind == _INT and not v.is_integer()) or (kind == _BOOL and v not in (0.0, 1.0)):
+                    return None  # a fraction for an int64, another number for a bool
+                append(v)
+            elif t is int:
+                if kind == _BOOL and v not in (0, 1):
+                    return None
+                try:
+                    append(float(v))
+                except OverflowError:
+                    return None
+            elif v is None and self.allows_missing:
+                append(math.nan)
+            elif t is bool and kind == _BOOL:
+                append(1.0 if v else 0.0)
+            else:
+                return None
+        return out
+
+    def stack(self, rows: list[list[float]]) -> np.ndarray:
+        return np.array(rows, dtype=np.float64, order=self.order)
+
+    def call(self, X: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """predict (and predict_proba) on an array; warnings are not silenced here, the probe found none."""
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            preds = np.asarray(self.estimator.predict(X))
+            probas = np.asarray(self.estimator.predict_proba(X), dtype=np.float64) if probabilities else None
+        if len(preds) != len(X):
+            raise ValueError(f"the model returned {len(preds)} predictions for {len(X)} rows")
+        return preds, probas
+
+
+@dataclass(eq=False)
+class RecordPlan:
+    """How the synchronous endpoint scores one JSON record of a model version."""
+
+    key: str                        # sha256 of the model file and of its feature list: equal keys predict alike
+    probabilities: bool             # the model is a classifier with predict_proba
+    labels: list[str]               # str(class), the keys of a probabilities object
+    numeric: NumericRows | None     # None: the record goes through `validate` and a DataFrame
+
+    def values(self, mv: ModelVersion, record: Mapping[str, Any]) -> list[Any]:
+        return [record.get(f.name) for f in mv.features]
+
+    def score(self, mv: ModelVersion, rows: list[Any], probabilities: bool) -> list[tuple[Any, dict | None]]:
+        """(prediction, probabilities) of each valid row: `NumericRows.row`s, or `values` lists of valid records."""
+        probabilities = probabilities and self.probabilities
+        if self.numeric is not None:
+            preds, probas = self.numeric.call(self.numeric.stack(rows), probabilities)
+        else:
+            columns = {f.name: [r[i] for r in rows] for i, f in enumerate(mv.features)}
+            validation = validate(mv, columns, len(rows))
+            if not validation.valid.all():
+                raise ValueError("a row of the batch is not valid")
+            preds, probas = _call(mv, validation.X, probabilities)
+        labels = self.labels
+        answers = [json_value(v) for v in preds.tolist()]
+        if probas is None:
+            return [(a, None) for a in answers]
+        return [(a, dict(zip(labels, p))) for a, p in zip(answers, probas.tolist())]
+
+
+_plans: dict[int, tuple[weakref.ref, RecordPlan]] = {}
+_plans_lock = threading.Lock()
+
+
+def record_plan(mv: ModelVersion) -> RecordPlan:
+    """The plan of a loaded model version, made (and its array path proved) on first use."""
+    entry = _plans.get(id(mv))
+    if entry is not None and entry[0]() is mv:
+        return entry[1]
+    with _plans_lock:
+        entry = _plans.get(id(mv))
+        if entry is not None and entry[0]() is mv:
+            return entry[1]
+        key = id(mv)
+        plan = _make_plan(mv)
+        # Forget the plan with its model version (a redeployed file is a new ModelVersion).
+        _plans[key] = (weakref.ref(mv, lambda _, key=key: _plans.pop(key, None)), plan)
+        return plan
+
+
+def _make_plan(mv: ModelVersion) -> RecordPlan:
+    features = orjson.dumps([[f.name, f.dtype, f.categories] for f in mv.features])
+    key = f"{mv.sha256}:{hashlib.sha256(features).hexdigest()[:16]}"
+    probabilities = mv.task == "classification" and hasattr(mv.estimator, "predict_proba")
+    labels = [str(c) for c in mv.classes or []]
+    return RecordPlan(key=key, probabilities=probabilities, labels=labels, numeric=_numeric_rows(mv, probabilities))
+
+
+def _numeric_rows(mv: ModelVersion, probabilities: bool) -> NumericRows | None:
+    """The array path of a numeric model, if it gives exactly what the DataFrame path gives on probe rows."""
+    if not mv.features or not mv.numeric_only:
+        return None
+    est = mv.estimator
+    names = getattr(est, "feature_names_in_", None)
+    if names is not None and [str(n) for n in names] != [f.name for f in mv.features]:
+        return None  # model.json orders the features differently: keep the path that names them
+    X = _probe_rows(mv)
+    columns = {f.name: X[:, i].tolist() for i, f in enumerate(mv.features)}
+    try:
+        with warnings.catch_warnings(record=True) as seen:  # once per model version, not per request
+            warnings.simplefilter("always")
+            rows = NumericRows(
+                estimator=without_feature_names(est) if names is not None else est,
+                features=tuple((f.name, _KINDS[f.dtype]) for f in mv.features),
+                allows_missing=mv.allows_missing,
+                order="F" if mv.takes_frame else "C",
+            )
+            expected = _call(mv, validate(mv, columns, len(X)).X, probabilities)
+            del seen[:]
+            got = rows.call(rows.stack(X.tolist()), probabilities)
+    except Exception:  # noqa: BLE001 - a model that cannot take the probe keeps the DataFrame path
+        return None
+    if seen or not all(_same(a, b) for a, b in zip(expected, got)):
+        return None
+    return rows
+
+
+def _probe_rows(mv: ModelVersion) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((_PROBE_ROWS, len(mv.features)))
+    for i, f in enumerate(mv.features):
+        if f.dtype == "int64":
+            X[:, i] = np.round(X[:, i] * 3)
+        elif f.dtype == "bool":
+            X[:, i] = X[:, i] > 0
+    X[0] = 0.0
+    if mv.allows_missing:
+        X[1:_PROBE_ROWS:7, ::2] = np.nan
+    return X
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+
+
+def without_feature_names(est: Any, _memo: dict[int, Any] | None = None) -> Any:
+    """A shallow twin of a fitted estimator in which no step remembers feature names (fitted arrays are shared)."""
+    memo = {} if _memo is None else _memo
+    if id(est) in memo:
+        return memo[id(est)]
+    if isinstance(est, (list, tuple)):
+        items = [without_feature_names(x, memo) for x in est]
+        same = all(a is b for a, b in zip(items, est))
+        out = est if same else (type(est)(items) if isinstance(est, list) else tuple(items))
+    elif isinstance(est, BaseEstimator):
+        changed = {k: without_feature_names(v, memo) for k, v in vars(est).items()
+                   if isinstance(v, (BaseEstimator, list, tuple))}
+        changed = {k: v for k, v in changed.items() if v is not vars(est)[k]}
+        if changed or "feature_names_in_" in vars(est):
+            out = object.__new__(type(est))  # not copy.copy: no __setstate__, no version check
+            vars(out).update(vars(est), **changed)
+            vars(out).pop("feature_names_in_", None)
+        else:
+            out = est
+    else:
+        out = est
+    memo[id(est)] = out
+    return out
