@@ -60,6 +60,10 @@ _MAX_LINE = 4 << 20         # a JSON line still unended at this length is a malf
 _LONG_LINE = b"\x00\n"      # what stands in a block for such a line
 _MAX_DEPTH = 255            # JSON values nested deeper cannot be written back as JSON text (orjson's limit)
 _SPOOL_PIECE = 1 << 20
+# Parquet column chunks are read through a buffer of this size each; every kept column has one open at once.
+_PARQUET_BUFFER = 64 << 10
+# Rows decoded per Parquet read: each column reader holds about a page per column, and the batch comes on top.
+_PARQUET_BATCH_ROWS = 8192
 _SNIFF = 16                 # bytes looked at to tell a file's type by its content
 _MAX_FOOTER = 64 << 20      # a larger Parquet footer is refused before it is parsed
 _TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
@@ -1164,7 +1168,7 @@ class _ParquetReader(Reader):
             self._decode = [c for c in self._keep if any(check(schema.field(c).type) for check in _TEXT)]
             if self._decode:
                 self._file = pq.ParquetFile(self._source, metadata=metadata, read_dictionary=self._decode,
-                                            buffer_size=_SPOOL_PIECE, pre_buffer=False)
+                                            buffer_size=_PARQUET_BUFFER, pre_buffer=False)
             self._batch_size = self._plan(schema)
         except BaseException:
             self._release()
@@ -1196,7 +1200,7 @@ class _ParquetReader(Reader):
                                       "not read.", details={"limit": "MAX_CELL_BYTES", "max": limit, "column": name})
                 total += max(size / rows, 8)  # decoded, a value takes at least 8 bytes (its value or offset)
             row_bytes = max(row_bytes, total)
-        return max(1, min(self._batch_rows, int(self._limits.max_batch_bytes // row_bytes)))
+        return max(1, min(self._batch_rows, _PARQUET_BATCH_ROWS, int(self._limits.max_batch_bytes // row_bytes)))
 
     def _pieces(self) -> Iterator[pa.Table]:
         position = 0
@@ -1290,7 +1294,7 @@ def _open_parquet(source: pa.NativeFile) -> pq.ParquetFile:
     try:
         # Column chunks are read through a small buffer, not whole: a file written as one big row group (pandas'
         # default) is then read in memory of the order of a batch, not of the row group.
-        return pq.ParquetFile(source, buffer_size=_SPOOL_PIECE, pre_buffer=False)
+        return pq.ParquetFile(source, buffer_size=_PARQUET_BUFFER, pre_buffer=False)
     except pa.ArrowException as exc:
         raise InvalidFile("The file is not a Parquet file, or it is truncated.",
                           details={"reason": _detail(exc)}) from exc
