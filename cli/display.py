@@ -114,15 +114,24 @@ class TransferBar(_Bar):
         super().__init__(console, TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                          TimeRemainingColumn())
         self._shown = -_UPDATE_EVERY
+        self._done = 0
+        self._total: int | None = None
         if self.progress is not None:
             self.task = self.progress.add_task(label, total=None)
 
     def __call__(self, done: int, total: int | None = None) -> None:
+        self._done, self._total = done, total
         if self.progress is None or self.task is None:
             return
         if done - self._shown >= _UPDATE_EVERY or done == total:
             self._shown = done
             self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None and self.progress is not None and self.task is not None:
+            # the last blocks, and the length of a download, are known only now
+            self.progress.update(self.task, completed=self._done, total=self._total or self._done)
+        super().__exit__(kind, exc, tb)
 
 
 class JobBar(_Bar):

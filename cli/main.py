@@ -13,7 +13,16 @@ import click
 from rich.console import Console
 
 from cli import display
-from cli.client import DEFAULT_URL, ERROR_FORMATS, RESULT_FORMATS, STATUSES, ApiError, Client, ServerUnreachable, format_for
+from cli.client import (
+    DEFAULT_URL,
+    ERROR_FORMATS,
+    RESULT_FORMATS,
+    STATUSES,
+    ApiError,
+    Client,
+    ServerUnreachable,
+    format_for,
+)
 
 OK = 0
 API_ERROR = 1
@@ -36,6 +45,8 @@ Exit codes:
   {INTERRUPTED}  interrupted (Ctrl-C); a job being waited for goes on
 """
 
+INPUT_FORMATS = ("csv", "jsonl", "parquet")
+INPUT_EXTENSIONS = ("csv", "jsonl", "ndjson", "json-lines", "parquet", "pq")  # as the service reads them
 JOB_EXIT = {"succeeded": OK, "partially_succeeded": ROW_ERRORS, "failed": JOB_FAILED, "cancelled": JOB_FAILED}
 
 
@@ -325,6 +336,8 @@ def _summary(target: Target, job: dict, started: float, upload_seconds: float | 
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Rows per chunk (default: the service's).")
 @click.option("--max-error-rate", type=click.FloatRange(0, 1), help="Fail the job once more rows than this share fail.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Kept with the job (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(INPUT_FORMATS),
+              help="The file's format, when its extension does not say (.csv, .jsonl/.ndjson, .parquet/.pq).")
 @click.option("--wait", is_flag=True, help="Follow the job to its end with a progress bar, then print a summary.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the results here at the end (.parquet, .jsonl or .csv); implies --wait.")
@@ -336,12 +349,18 @@ def _summary(target: Target, job: dict, started: float, upload_seconds: float | 
 @pass_target
 def submit(target: Target, model: str, file: str, model_version: str | None, id_column: str | None,
            probabilities: bool, chunk_size: int | None, max_error_rate: float | None, metadata: tuple[str, ...],
-           wait: bool, output: str | None, errors_output: str | None, interval: float, as_json: bool) -> int:
+           fmt: str | None, wait: bool, output: str | None, errors_output: str | None, interval: float,
+           as_json: bool) -> int:
     """Upload a file as a batch job.
 
-    FILE is CSV with a header row, JSON Lines or Parquet (told by its extension), predicted by MODEL. The file is streamed, never read into memory whole. Without --wait, prints the job's id and returns
-    at once; with --wait (or --output), follows the job and exits by how it ended (see the exit codes).
+    FILE is CSV with a header row, JSON Lines or Parquet (told by its extension), predicted by MODEL. The
+    file is streamed, never read into memory whole. Without --wait, prints the job's id and returns at once;
+    with --wait (or --output), follows the job and exits by how it ended (see the exit codes).
     """
+    filename = Path(file).name if fmt is None else f"{Path(file).stem}.{fmt}"
+    if fmt is None and Path(file).suffix.lower().lstrip(".") not in INPUT_EXTENSIONS:
+        raise click.BadParameter(f"cannot tell the format of {file!r} from its extension; name it .csv, .jsonl or "
+                                 ".parquet, or give --format", param_hint="FILE")
     _check_output(output, RESULT_FORMATS, "--output")
     _check_output(errors_output, ERROR_FORMATS, "--errors-output")
     options: dict[str, Any] = {"chunk_size": chunk_size, "max_error_rate": max_error_rate}
@@ -350,7 +369,7 @@ def submit(target: Target, model: str, file: str, model_version: str | None, id_
     started = time.monotonic()
     try:
         with display.TransferBar(err, f"uploading {Path(file).name}") as bar:
-            job = target.client.submit(file, model, version=model_version, id_column=id_column,
+            job = target.client.submit(file, model, version=model_version, id_column=id_column, filename=filename,
                                        probabilities=probabilities, on_upload=bar,
                                        options={k: v for k, v in options.items() if v is not None})
     except KeyboardInterrupt:

@@ -186,7 +186,8 @@ def test_submit_streams_the_file_in_blocks(service, outbox):
     planted = data.planted_csv(30_000)
     file = RecordingFile(planted.body, "big.csv")
     seen: list[tuple[int, int]] = []
-    job = service.client().submit(file, "fussy", id_column="id", on_upload=lambda sent, total: seen.append((sent, total)))
+    job = service.client().submit(file, "fussy", id_column="id",
+                                  on_upload=lambda sent, total: seen.append((sent, total)))
     assert job["counts"]["total"] == 30_000
     assert len(file.reads) > 10 and all(0 < n <= 1 << 20 for n in file.reads), file.reads[:5]
     assert seen[-1][0] == seen[-1][1] > len(planted.body)
@@ -272,6 +273,12 @@ def test_submit_of_clean_rows_exits_0_and_without_wait_prints_the_id(service, ca
     assert f"predq status {out.strip()} --wait" in err
     code, out, _ = service.cli(capsys, "submit", "fussy", str(clean), "--json", "--metadata", "team=a")
     assert code == 0 and json.loads(out)["metadata"] == {"team": "a"}
+    unnamed = tmp_path / "rows.data"
+    unnamed.write_bytes(clean.read_bytes())
+    code, _, err = service.cli(capsys, "submit", "fussy", str(unnamed))
+    assert code == 2 and "cannot tell the format" in err
+    code, out, _ = service.cli(capsys, "submit", "fussy", str(unnamed), "--format", "jsonl", "--json")
+    assert code == 0 and json.loads(out)["counts"]["total"] == 300
 
 
 def test_status_jobs_results_errors_and_cancel(service, capsys, outbox, planted, tmp_path):
