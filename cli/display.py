@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.progress import (
@@ -36,7 +37,7 @@ def duration(seconds: float | None) -> str:
         return "-"
     if seconds < 60:
         return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
@@ -86,7 +87,7 @@ def job_report(job: dict) -> list[str]:
 
 def table(headers: list[str], records: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in records)) if records else len(h) for i, h in enumerate(headers)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return [fmt(headers), *(fmt(r) for r in records)]
 
 
@@ -97,7 +98,7 @@ class _Bar:
         self.progress = Progress(*columns, console=console, transient=False) if console.is_terminal else None
         self.task: TaskID | None = None
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> Self:
         if self.progress is not None:
             self.progress.start()
         return self

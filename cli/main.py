@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -178,7 +177,7 @@ def workers() -> int:
     except redis.RedisError as e:
         warn(f"predq: Redis at {s.REDIS_URL} does not answer: {e}")
         return UNREACHABLE
-    age = lambda a: "-" if a is None else f"{a:.1f} s"  # noqa: E731
+    age = lambda a: "-" if a is None else f"{a:.1f} s"
     out(f"{'worker':40} {'status':10} {'heartbeat age':>14} {'canary age':>11}")
     for w in states:
         out(f"{w.name:40} {w.status:10} {age(w.heartbeat_age):>14} {age(w.canary_age):>11}")

@@ -23,7 +23,6 @@ from cli.client import ApiError, Client, ServerUnreachable
 from cli.main import main as predq
 from shared.auth import new_key
 from shared.chunk import process_chunk
-from shared.demo import install_demo_models
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
 from tests.support import data
@@ -79,7 +78,6 @@ def service(tmp_path_factory) -> Iterator[Service]:
 
     root = tmp_path_factory.mktemp("cli")
     models = root / "models"
-    install_demo_models(models)
     install_test_models(models)
     (root / "keys.json").write_text(json.dumps({"keys": [KEY_ENTRY]}))
     app = create_app({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "MODELS_DIR": str(models),
@@ -130,10 +128,10 @@ def expected_predictions(models_dir: Path, planted: data.Planted) -> list[str]:
 
 # -- the client --------------------------------------------------------------------------------------
 
-def test_client_lists_models_and_predicts_like_the_model(service):
+def test_client_lists_models_and_predicts_like_the_model(service, outbox):
     """models() names every deployed model; predict() answers as the model does, with per-row errors."""
     client = service.client()
-    assert [m["name"] for m in client.models()] == ["breast_cancer", "diabetes", "fussy", "fussy_reg"]
+    assert [m["name"] for m in client.models()] == ["fussy", "fussy_reg"]
     row = {"f0": 0.5, "f1": 1.0, "f2": -0.2, "f3": 0.0, "f4": 2.0}
     model = joblib.load(service.models_dir / "fussy" / "v1" / "model.joblib")
     one = client.predict("fussy", row, probabilities=True)
@@ -142,6 +140,8 @@ def test_client_lists_models_and_predicts_like_the_model(service):
     many = client.predict("fussy", [row, {"f0": "abc"}])
     assert many["predictions"][0] == one["prediction"] and many["predictions"][1] is None
     assert [e["row"] for e in many["errors"]] == [1]
+    job = client.wait(client.submit_rows("fussy", [row, row], id_column=None)["id"])
+    assert job["counts"] == {"total": 2, "succeeded": 2, "failed": 0, "skipped": 0}
 
 
 def test_client_errors_carry_the_status_code_and_message(service, tmp_path):
@@ -227,6 +227,7 @@ def test_wait_reports_progress_then_results_and_errors_download(service, outbox,
     assert {e["row"]: e["code"] for e in errors} == rows.errors
     with pytest.raises(ValueError, match="format"):
         client.results(job["id"], tmp_path / "r.txt")
+    assert [j["id"] for j in client.iter_jobs(page_size=2)] == [j["id"] for j in client.jobs(limit=100)]
     assert not list(tmp_path.glob(".*.part"))
 
 
@@ -260,7 +261,7 @@ def test_submit_wait_prints_a_summary_and_writes_the_outputs(service, capsys, ou
 
 
 def test_submit_of_clean_rows_exits_0_and_without_wait_prints_the_id(service, capsys, outbox, planted, tmp_path):
-    path, rows = planted
+    _, rows = planted
     clean = tmp_path / "clean.jsonl"
     rows.good.head(300).to_json(clean, orient="records", lines=True)
     code, out, _ = service.cli(capsys, "submit", "fussy", str(clean), "-o", str(tmp_path / "r.jsonl"))
@@ -359,7 +360,7 @@ def test_failures_print_the_message_and_exit_by_kind(service, capsys, planted, t
     err = capsys.readouterr().err
     assert "does not answer: connection refused" in err and "Traceback" not in err
     monkeypatch.setenv("PREDQ_URL", service.url)
-    assert predq(["models"]) == 0 and "breast_cancer" in capsys.readouterr().out
+    assert predq(["models"]) == 0 and "fussy_reg  v1       regression" in capsys.readouterr().out
 
 
 def test_ctrl_c_while_waiting_leaves_the_job_and_says_how_to_resume(service, capsys, outbox, planted, monkeypatch):
