@@ -377,3 +377,13 @@ def test_ctrl_c_while_waiting_leaves_the_job_and_says_how_to_resume(service, cap
     assert f"predq status {job_id} --wait, then predq results {job_id} -o out.parquet" in err
     assert "not cancelled" in err
     assert service.client().status(job_id)["status"] == "queued"
+
+
+def test_a_failed_job_exits_4_with_its_error(service, capsys, outbox, planted):
+    """A job that blows its error budget ends failed: exit 4, and the summary names the error."""
+    path, _ = planted
+    code, out, err = service.cli(capsys, "submit", "fussy", str(path), "--chunk-size", "1000",
+                                 "--max-error-rate", "0", "--wait")
+    assert code == 4, err
+    assert " failed: 5,000 rows: " in out.splitlines()[0]
+    assert "error: error_budget_exceeded: " in out
