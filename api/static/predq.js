@@ -264,7 +264,7 @@
     q(".rows-per-second").textContent = job.rows_per_second ? number(Math.round(job.rows_per_second)) : "–";
     q(".eta").textContent = !TERMINAL.has(job.status) && job.eta_seconds ? `${Math.ceil(job.eta_seconds)} s left` : "";
     const created = new Date(job.created_at);
-    q(".job-created").textContent = isNaN(created) ? "" : created.toLocaleString();
+    q(".job-created").textContent = isNaN(created) ? "" : created.toLocaleString(undefined, {dateStyle: "short", timeStyle: "medium"});
     q(".job-created").title = String(job.created_at);
     renderActions(entry);
   }
