@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,15 +56,21 @@ def rig(tmp_path_factory: pytest.TempPathFactory):
         open_api = ApiServer(redis.url, models_dir=str(models_dir), log_dir=str(tmp / "open"))
         keyed_api = ApiServer(redis.url, models_dir=str(models_dir), env={"API_KEYS_FILE": str(keys_file)},
                               log_dir=str(tmp / "keyed"))
-        for api in (open_api, keyed_api):
-            procs.append(api)
-            api.start()
+        procs += [open_api, keyed_api]
+        with ThreadPoolExecutor(2) as pool:  # both APIs load their models at once
+            for started in [pool.submit(api.start) for api in (open_api, keyed_api)]:
+                started.result()
         worker.wait_ready()
         yield SimpleNamespace(open=open_api.url, keyed=keyed_api.url, key=key, jobs_key=jobs_key, tmp=tmp)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        redis.stop()
+        errors = []
+        for proc in [*reversed(procs), redis]:  # the tests are over: nothing needs a graceful stop
+            try:
+                proc.kill(signal.SIGKILL)
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture(scope="module")
