@@ -73,11 +73,16 @@ def rig(tmp_path_factory: pytest.TempPathFactory):
             raise errors[0]
 
 
-@pytest.fixture(scope="module")
-def driver(rig):
+@pytest.fixture(scope="session")
+def chromium() -> None:
+    """Debian's chromium and chromium-driver, installed now when missing (as root); a skip only when they cannot be."""
     reason = ensure_chromium()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def driver(chromium, rig):
     downloads = rig.tmp / "downloads"
     downloads.mkdir()
     chrome = start_chrome(rig.tmp / "chromedriver.log", downloads)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from api import create_app
 from api.auth import SECURITY_HEADERS
 from shared.auth import new_key
+from tests.support import browser
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"  # the page needs no Redis, and no route it loads here does
 STATIC = Path(__file__).resolve().parents[2] / "api" / "static"
@@ -91,3 +93,47 @@ def test_the_page_has_no_inline_script_and_the_script_writes_no_html(make_client
     script = (STATIC / "predq.js").read_text()
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", script)
     assert "localStorage" not in script and "document.cookie" not in script
+
+
+# -- the browser the page's integration test drives ----------------------------------------------------------
+
+class FakeApt:
+    """apt-get as the browser setup calls it: each call's arguments, and an exit status per step."""
+
+    def __init__(self, monkeypatch, *, fail_first_install: bool, installs: bool = True):
+        self.calls: list[tuple[str, ...]] = []
+        self.present = False
+        self.fail_first_install = fail_first_install
+        self.installs = installs
+        monkeypatch.setattr(browser, "_present", lambda: self.present)
+        monkeypatch.setattr(browser.os, "geteuid", lambda: 0)
+        monkeypatch.setattr(browser.shutil, "which", lambda name: "/usr/bin/" + name)
+        monkeypatch.setattr(browser, "_apt", self)
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        self.calls.append(args)
+        failed = args[0] == "install" and self.fail_first_install and len(self.calls) == 1
+        if args[0] == "install" and not failed and self.installs:
+            self.present = True
+        return subprocess.CompletedProcess(args, 100 if failed else 0, "", "E: Unable to locate package" if failed else "")
+
+
+def test_the_browser_is_installed_with_apt_when_missing(monkeypatch):
+    """Missing Chromium is installed; an install that fails is retried once after apt-get update."""
+    apt = FakeApt(monkeypatch, fail_first_install=False)
+    assert browser.ensure_chromium() is None
+    assert apt.calls == [("install", "-y", "chromium", "chromium-driver")]
+    apt = FakeApt(monkeypatch, fail_first_install=True)
+    assert browser.ensure_chromium() is None
+    assert [c[0] for c in apt.calls] == ["install", "update", "install"]
+
+
+def test_the_browser_setup_says_why_it_cannot_install(monkeypatch):
+    """Not root, or apt-get failing even after an update: a reason naming the packages (the test then skips)."""
+    apt = FakeApt(monkeypatch, fail_first_install=False, installs=False)
+    reason = browser.ensure_chromium()
+    assert reason is not None and "could not install chromium chromium-driver" in reason
+    monkeypatch.setattr(browser.os, "geteuid", lambda: 1000)
+    apt.calls.clear()
+    reason = browser.ensure_chromium()
+    assert "not root" in reason and "apt-get install -y chromium chromium-driver" in reason and apt.calls == []
