@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, render_template
 
+from api.openapi import operation
+
 bp = Blueprint("web", __name__)
 
 #: The page loads its script, style and data from this origin only, and nothing may run inline or frame it.
@@ -11,6 +13,7 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 
 
 @bp.get("/")
+@operation("get", "/", summary="The web page", responses={200: "text/html"})
 def index() -> Response:
     """The page holds no data: only whether the API wants a key, so it knows to ask for one."""
     gate = current_app.extensions["predq.auth"]

@@ -275,6 +275,12 @@
     entry.timer = setTimeout(() => poll(entry), delay);
   }
 
+  function pollDelay() {
+    // One request a second per running job, slower when many run: the page must not spend a key's rate limit.
+    const running = [...jobs.values()].filter((e) => !TERMINAL.has(e.job.status)).length;
+    return POLL_MS * Math.max(1, Math.ceil(running / 5));
+  }
+
   async function poll(entry) {
     entry.timer = null;
     try {
@@ -289,7 +295,7 @@
       return;
     }
     renderJob(entry);
-    if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, POLL_MS);
+    if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, pollDelay());
   }
 
   function track(job, {first = false} = {}) {
@@ -303,7 +309,7 @@
     const body = $("jobs").tBodies[0];
     if (first) body.prepend(entry.row); else body.append(entry.row);
     renderJob(entry);
-    if (!TERMINAL.has(job.status)) schedulePoll(entry, POLL_MS);
+    if (!TERMINAL.has(job.status)) schedulePoll(entry, pollDelay());
     $("jobs-empty").hidden = true;
   }
 
@@ -325,7 +331,7 @@
     try {
       entry.job = await apiJson(sameOrigin(entry.job.links.self) + "/cancel", {method: "POST"});
       renderJob(entry);
-      if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, POLL_MS);
+      if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, pollDelay());
     } catch (error) {
       button.disabled = false;
       if (error.code === "job_finished") poll(entry);
