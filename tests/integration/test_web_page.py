@@ -248,17 +248,40 @@ def test_the_upload_form_creates_a_job_and_shows_the_servers_refusal(rig, driver
     assert {j["id"] for j in api_get(rig.open, "/v1/jobs").json()["data"]} == before | {job_id}
 
 
-def test_the_cancel_button_cancels_a_running_job(rig, driver):
-    """Cancel on a running job ends it cancelled; the page's counts (skipped included) are the API's."""
-    job_id = submit_slow_job(rig.open, 4000)  # 40 chunks: far from done when the button is clicked
-    driver.get(rig.open + "/")
+def polls(driver, job_id: str) -> int:
+    """How many times the page has fetched the job since it loaded (the browser's own record of its requests)."""
+    return driver.execute_script("""
+        const path = `/v1/jobs/${arguments[0]}`;
+        return performance.getEntriesByType("resource").filter((e) => new URL(e.name).pathname === path).length;
+    """, job_id)
+
+
+def cancel_on_page(driver, job_id: str) -> dict:
     wait_for(lambda: (s := shown_job(driver, job_id)) and s["cancel"], timeout=WAIT, what="a Cancel button")
     driver.find_element(By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"] button.cancel').click()
-    shown = wait_terminal(driver, job_id)
-    job = api_get(rig.open, f"/v1/jobs/{job_id}").json()
+    return wait_terminal(driver, job_id)
+
+
+def test_cancel_ends_a_running_job_and_the_page_stops_polling_what_has_ended(rig, driver):
+    """Cancel ends a job cancelled with the API's counts; a job that has ended is polled no more, others still are."""
+    done = submit_slow_job(rig.open, 100)
+    wait_for(lambda: api_get(rig.open, f"/v1/jobs/{done}").json()["status"] in TERMINAL, timeout=WAIT,
+             what="a one-chunk job to finish")
+    finished = [j["id"] for j in api_get(rig.open, "/v1/jobs").json()["data"] if j["status"] in TERMINAL]
+    first, second = submit_slow_job(rig.open, 4000), submit_slow_job(rig.open, 4000)  # 40 chunks each: minutes
+    driver.get(rig.open + "/")
+    shown = cancel_on_page(driver, first)
+    job = api_get(rig.open, f"/v1/jobs/{first}").json()
     assert shown["status"] == job["status"] == "cancelled"
     assert job["counts"]["skipped"] > 0
     assert {k: number(shown[k]) for k in ("succeeded", "failed", "total", "skipped")} == job["counts"]
+
+    after_end = polls(driver, first)
+    still_running = polls(driver, second)
+    wait_for(lambda: polls(driver, second) >= still_running + 3, timeout=WAIT, what="three more polls of a running job")
+    assert polls(driver, first) == after_end
+    assert done in finished and all(polls(driver, job_id) == 0 for job_id in finished)
+    assert cancel_on_page(driver, second)["status"] == "cancelled"
 
 
 # -- with keys ------------------------------------------------------------------------------------------------
