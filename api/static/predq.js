@@ -137,6 +137,14 @@
     return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US");
   }
 
+  function when(timestamp) {
+    // The time alone for today, the date too for other days.
+    const date = new Date(timestamp);
+    if (isNaN(date)) return "";
+    if (date.toDateString() === new Date().toDateString()) return date.toLocaleTimeString();
+    return date.toLocaleString(undefined, {dateStyle: "short", timeStyle: "short"});
+  }
+
   function sameOrigin(path, params) {
     const url = new URL(path, window.location.origin);
     if (url.origin !== window.location.origin) throw new Error("link to another origin");
@@ -179,9 +187,10 @@
   function jobRow(job) {
     const progress = el("progress", {max: 1, class: "job-progress"});
     return el("tr", {data: {jobId: String(job.id)}}, [
-      el("td", {class: "job-id"}, [el("code", {text: String(job.id)}), el("div", {class: "sub schedule"})]),
+      el("td", {class: "job-id"}, [el("code", {text: String(job.id)}), el("div", {class: "sub schedule"}),
+                                   el("div", {class: "sub job-error"})]),
       el("td", {class: "job-model"}),
-      el("td", {class: "job-status"}, [el("span", {class: "status"}), el("div", {class: "sub job-error"})]),
+      el("td", {class: "job-status"}, [el("span", {class: "status"})]),
       el("td", {class: "job-progress-cell"}, [progress, el("span", {class: "percent"})]),
       el("td", {class: "job-counts"}, [
         el("div", {class: "nowrap"}, [el("span", {class: "count-succeeded"}), " succeeded, ",
@@ -264,8 +273,7 @@
     q(".skipped-part").hidden = !counts.skipped;
     q(".rows-per-second").textContent = job.rows_per_second ? number(Math.round(job.rows_per_second)) : "–";
     q(".eta").textContent = !TERMINAL.has(job.status) && job.eta_seconds ? `${Math.ceil(job.eta_seconds)} s left` : "";
-    const created = new Date(job.created_at);
-    q(".job-created").textContent = isNaN(created) ? "" : created.toLocaleString(undefined, {dateStyle: "short", timeStyle: "medium"});
+    q(".job-created").textContent = when(job.created_at);
     q(".job-created").title = String(job.created_at);
     renderActions(entry);
   }
