@@ -172,7 +172,7 @@
       ]));
       select.append(el("option", {value: String(m.name), text: `${m.name} (${m.version})`}));
     }
-    if (chosen) select.value = chosen;
+    if (models.some((m) => String(m.name) === chosen)) select.value = chosen;
     $("models-empty").hidden = models.length > 0;
     $("upload-submit").disabled = models.length === 0;
   }
