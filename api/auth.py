@@ -18,9 +18,10 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: The contract's health routes (those not served here yet included) and the OpenAPI document: no key needed.
+#: The contract's health routes (those not served here yet included), the OpenAPI document, and the web page with
+#: its script and style (the page holds no data; it asks for a key and fetches everything with it): no key needed.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/health", "/version", "/v2/health/live",
-                        "/v2/health/ready", "/openapi.json"})
+                        "/v2/health/ready", "/openapi.json", "/", "/static/<path:filename>"})
 
 #: The scope each route needs, by path prefix (Flask rule or OpenAPI path). A route under none of them needs
 #: admin, so a route added without a line here is never open by accident.
