@@ -15,7 +15,8 @@ from kombu.exceptions import OperationalError
 REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
-#: RabbitMQ deletes a worker's own queue this long after its last consumer left (a stopped worker's canaries).
+#: A worker's own queue (its canaries) is deleted by the broker once unused this long (x-expires; RabbitMQ, and
+#: kombu's Redis transport too), so the queues of workers that are gone do not pile up.
 OWN_QUEUE_EXPIRES = 3600.0
 
 
@@ -43,7 +44,7 @@ def transport_options(url: str, *, visibility_timeout: float, unacked_restore_in
 
 
 def own_queue(name: str) -> Queue:
-    """A worker's own queue (its canaries). A Redis list on Redis; on RabbitMQ it goes away once unused."""
+    """A worker's own queue (its canaries), which goes away an hour after it was last used."""
     return Queue(name, Exchange(name), routing_key=name, expires=OWN_QUEUE_EXPIRES)
 
 

@@ -136,7 +136,7 @@ def _leave(sender=None, **_: object) -> None:
         pass
     try:
         delete_queue(app, worker_queue(sender.hostname))  # its canaries; the next start declares it again
-    except Exception as e:  # noqa: BLE001 - broker away: RabbitMQ expires the queue, a Redis list stays small
+    except Exception as e:  # noqa: BLE001 - broker away: the queue expires on its own (x-expires)
         log.warning("own queue not deleted: %s", e)
 
 
