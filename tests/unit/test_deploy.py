@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -21,7 +22,7 @@ DEFAULTS = Settings()
 
 def procfile() -> dict[str, str]:
     lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict((name.strip(), command.strip()) for name, _, command in (line.partition(":") for line in lines if line))
+    return {name.strip(): command.strip() for name, _, command in (line.partition(":") for line in lines if line)}
 
 
 PROCFILE = procfile()
@@ -35,7 +36,7 @@ def assert_known(variables, where: str) -> None:
 
 
 def redis_is_durable(args: list[str]) -> None:
-    pairs = dict(zip(args, args[1:]))
+    pairs = dict(itertools.pairwise(args))
     assert pairs.get("--appendonly") == "yes"
     assert pairs.get("--appendfsync") == "everysec"
     assert pairs.get("--maxmemory-policy") == "noeviction"
@@ -179,7 +180,7 @@ def test_k8s_redis_is_durable(k8s):
     sts = k8s[("StatefulSet", "predq-redis")]["spec"]
     c = container(k8s, "StatefulSet", "predq-redis")
     redis_is_durable(c["args"])
-    data_dir = dict(zip(c["args"], c["args"][1:]))["--dir"]
+    data_dir = dict(itertools.pairwise(c["args"]))["--dir"]
     (claim,) = sts["volumeClaimTemplates"]
     assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in c["volumeMounts"]
     assert sts["replicas"] == 1
