@@ -94,6 +94,17 @@ def test_compose_redis_keeps_an_append_only_file_and_never_evicts(compose):
     assert compose["redis"]["volumes"] == ["redis-data:/data"]
 
 
+def test_compose_broker_is_the_redis_or_a_rabbitmq_that_waits_for_long_tasks(compose):
+    """The broker defaults to the state Redis; the optional RabbitMQ lets a source read hold its delivery."""
+    env = compose["api"]["environment"]
+    default = re.fullmatch(r"\$\{CELERY_BROKER_URL:-(.+)\}", env["CELERY_BROKER_URL"]).group(1)
+    assert default == env["REDIS_URL"]
+    assert compose["rabbitmq"]["profiles"] == ["rabbitmq"]
+    erl_args = compose["rabbitmq"]["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()
+    consumer_timeout_ms = int(erl_args[erl_args.index("consumer_timeout") + 1])
+    assert consumer_timeout_ms / 1000 > DEFAULTS.SOURCE_READ_TIME_LIMIT + 30 > DEFAULTS.CHUNK_TIME_LIMIT
+
+
 def test_compose_flower_and_health_checks(compose, routes):
     """Flower runs on the worker app; the api's health check calls /healthz and /readyz, routes that exist."""
     assert compose["flower"]["command"][:4] == ["celery", "-A", "worker.app", "flower"]
