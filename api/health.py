@@ -11,6 +11,7 @@ from api.parsing import parse_bool
 from api.responses import json_response
 from api.services import services
 from shared import keys
+from shared.broker import queue_length
 from shared.errors import PredqError
 from shared.workers import worker_states
 
@@ -98,7 +99,7 @@ def metrics() -> Response:
     try:
         states = worker_states(svc.redis, stale_after=svc.settings.WORKER_STALE_SECONDS,
                                heartbeat_interval=svc.settings.HEARTBEAT_INTERVAL)
-        queue = svc.redis.llen(svc.settings.CHUNK_QUEUE)
+        queue = queue_length(svc.celery, svc.settings.CHUNK_QUEUE)
         active = svc.redis.scard(keys.ACTIVE_JOBS)
         up = 1
     except redis.RedisError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from shared.broker import transport_options
 from shared.settings import Settings
 
 PROCESS_CHUNK = "predq.process_chunk"
@@ -28,11 +29,9 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={PROCESS_CHUNK: {"queue": settings.CHUNK_QUEUE}},
         task_soft_time_limit=settings.CHUNK_SOFT_TIME_LIMIT,
         task_time_limit=settings.CHUNK_TIME_LIMIT,
-        broker_transport_options={
-            "visibility_timeout": settings.VISIBILITY_TIMEOUT,
-            "unacked_restore_interval": settings.UNACKED_RESTORE_INTERVAL,
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=transport_options(settings.broker_url,
+                                                   visibility_timeout=settings.VISIBILITY_TIMEOUT,
+                                                   unacked_restore_interval=settings.UNACKED_RESTORE_INTERVAL),
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,

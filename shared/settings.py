@@ -7,6 +7,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import broker
+
+RABBITMQ_CONSUMER_TIMEOUT = 1800.0  # seconds; RabbitMQ's default `consumer_timeout` (30 minutes)
+
 
 class Settings(BaseSettings):
     """predq's configuration; each field is read from the environment variable of the same name."""
@@ -14,7 +18,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
-    CELERY_BROKER_URL: str | None = Field(None, description="Broker for chunk messages; defaults to REDIS_URL.")
+    CELERY_BROKER_URL: str | None = Field(None, description="Broker for task messages (redis:// or amqp://); "
+                                                           "defaults to REDIS_URL.")
     MODELS_DIR: str = "./models"
     MODEL_RESCAN_SECONDS: float = Field(2.0, ge=0, description="How often a process looks for new model versions.")
 
@@ -67,12 +72,22 @@ class Settings(BaseSettings):
     def _limits_are_consistent(self) -> Settings:
         if not self.CHUNK_SOFT_TIME_LIMIT < self.CHUNK_TIME_LIMIT:
             raise ValueError("CHUNK_SOFT_TIME_LIMIT must be below CHUNK_TIME_LIMIT")
+        if self.CELERY_BROKER_URL:
+            broker.kind(self.CELERY_BROKER_URL)  # names a scheme no transport here speaks
         return self
 
     def warnings(self) -> list[str]:
         """Settings that work but cost something; each process logs these at start."""
         found = []
-        if self.VISIBILITY_TIMEOUT < 3 * self.CHUNK_TIME_LIMIT:
+        if broker.kind(self.broker_url) == "amqp":
+            longest = max(self.CHUNK_TIME_LIMIT, self.SOURCE_READ_TIME_LIMIT + 30)
+            if longest > RABBITMQ_CONSUMER_TIMEOUT:
+                # RabbitMQ closes the channel of a delivery unacknowledged for longer; the task is then cut short
+                # and delivered again, and again.
+                found.append(f"tasks may hold a RabbitMQ delivery for {longest:g} s (SOURCE_READ_TIME_LIMIT + 30, "
+                             f"CHUNK_TIME_LIMIT): set RabbitMQ's consumer_timeout above that (its default is "
+                             f"{RABBITMQ_CONSUMER_TIMEOUT:g} s)")
+        elif self.VISIBILITY_TIMEOUT < 3 * self.CHUNK_TIME_LIMIT:
             # Counting stays exact (a chunk commits once), but a slow chunk is delivered again and runs twice.
             found.append(f"VISIBILITY_TIMEOUT ({self.VISIBILITY_TIMEOUT:g} s) is less than 3 x CHUNK_TIME_LIMIT "
                          f"({self.CHUNK_TIME_LIMIT:g} s): slow chunks will be delivered and run more than once")

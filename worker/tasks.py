@@ -11,6 +11,7 @@ from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 from threadpoolctl import threadpool_limits
 
+from shared.broker import delete_queue, own_queue
 from shared.chunk import fail_chunk
 from shared.chunk import process_chunk as run_chunk
 from shared.dispatch import (
@@ -98,7 +99,11 @@ def _one_thread_per_process(**_: object) -> None:
 
 @signals.celeryd_after_setup.connect
 def _consume_own_queue(sender: str, instance, **_: object) -> None:
-    instance.app.amqp.queues.select_add(worker_queue(sender))
+    instance.app.amqp.queues.select_add(own_queue(worker_queue(sender)))
+
+
+_leaving = threading.Event()
+_heartbeats: list[threading.Thread] = []
 
 
 @signals.worker_ready.connect
@@ -108,23 +113,31 @@ def _start_heartbeat(sender=None, **_: object) -> None:
 
     def beat() -> None:
         client = redis.Redis.from_url(s.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
-        while True:
+        while not _leaving.is_set():
             try:
                 record_heartbeat(client, name)
                 app.send_task(CANARY, args=[name], queue=worker_queue(name), expires=s.WORKER_STALE_SECONDS)
             except Exception as e:  # noqa: BLE001 - Redis or broker down: keep trying, the ages tell the story
                 log.warning("heartbeat or canary not sent: %s", e)
-            time.sleep(s.HEARTBEAT_INTERVAL)
+            _leaving.wait(s.HEARTBEAT_INTERVAL)
 
-    threading.Thread(target=beat, name="predq-heartbeat", daemon=True).start()
+    _heartbeats.append(threading.Thread(target=beat, name="predq-heartbeat", daemon=True))
+    _heartbeats[-1].start()
 
 
 @signals.worker_shutdown.connect
 def _leave(sender=None, **_: object) -> None:
+    _leaving.set()  # a heartbeat or canary sent after this would bring back what is removed below
+    for thread in _heartbeats:
+        thread.join(timeout=15)
     try:
         forget(_redis(), sender.hostname)
     except redis.RedisError:
         pass
+    try:
+        delete_queue(app, worker_queue(sender.hostname))  # its canaries; the next start declares it again
+    except Exception as e:  # noqa: BLE001 - broker away: the queue expires on its own (x-expires)
+        log.warning("own queue not deleted: %s", e)
 
 
 @app.task(name=CANARY, ignore_result=True)
