@@ -1,7 +1,9 @@
 """Worker liveness: a heartbeat says a worker process exists; a canary task that ran says it consumes."""
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis
@@ -66,3 +68,11 @@ def worker_states(client: redis.Redis, *, stale_after: float, heartbeat_interval
         states.append(WorkerState(raw.decode(), None if beat is None else round(beat, 1),
                                   None if canary is None else round(canary, 1), status))
     return states
+
+
+def pick_peer(client: redis.Redis, refusers: Collection[str], *, stale_after: float,
+              heartbeat_interval: float) -> str | None:
+    """A worker consuming its queues now that has not refused the job (None: there is none), chosen at random."""
+    states = worker_states(client, stale_after=stale_after, heartbeat_interval=heartbeat_interval)
+    candidates = [w.name for w in states if w.status == "consuming" and w.name not in refusers]
+    return random.choice(candidates) if candidates else None
