@@ -72,7 +72,12 @@ def worker_states(client: redis.Redis, *, stale_after: float, heartbeat_interval
 
 def pick_peer(client: redis.Redis, refusers: Collection[str], *, stale_after: float,
               heartbeat_interval: float) -> str | None:
-    """A worker consuming its queues now that has not refused the job (None: there is none), chosen at random."""
-    states = worker_states(client, stale_after=stale_after, heartbeat_interval=heartbeat_interval)
-    candidates = [w.name for w in states if w.status == "consuming" and w.name not in refusers]
-    return random.choice(candidates) if candidates else None
+    """A worker that has not refused the job, chosen at random: one consuming its queues now, else one whose heartbeat
+    is fresh (its canary may wait behind long chunks); None when there is neither."""
+    states = [w for w in worker_states(client, stale_after=stale_after, heartbeat_interval=heartbeat_interval)
+              if w.name not in refusers]
+    for status in ("consuming", "stalled"):
+        candidates = [w.name for w in states if w.status == status]
+        if candidates:
+            return random.choice(candidates)
+    return None

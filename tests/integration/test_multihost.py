@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from shared import keys
 from shared.demo import record_sha256
 from shared.registry import Registry
+from shared.workers import forget
 from tests.support import data, netns
 from tests.support.models import FEATURES, training_frame
 from tests.support.processes import wait_for
@@ -96,7 +97,8 @@ def host_models(cluster: netns.Cluster, host: str) -> str:
 
 @pytest.fixture
 def workers(cluster):
-    """Start Procfile workers on hosts (name -> models dir); each is SIGKILLed by its process group at the end."""
+    """Start Procfile workers on hosts (name -> models dir); at the end each is SIGKILLed by its process group and
+    taken out of the workers' report, as a clean stop would (so the next test's refusals see only its own workers)."""
     started: list[netns.ProcfileProcess] = []
 
     def start(models: dict[str, str]) -> dict[str, netns.ProcfileProcess]:
@@ -108,8 +110,13 @@ def workers(cluster):
     try:
         yield start
     finally:
-        for proc in started:
-            cluster.stop_worker(proc)
+        r = cluster.redis.client()
+        try:
+            for proc in started:
+                cluster.stop_worker(proc)
+                forget(r, proc.name)
+        finally:
+            r.close()
 
 
 def submit(cluster: netns.Cluster, body, content_type: str) -> dict:
@@ -239,3 +246,21 @@ def test_a_worker_host_with_another_model_copy_never_commits_its_chunks(cluster,
     for rec in refusals:
         assert rec["worker"] == procs["c"].name and rec["worker_sha256"] == other_sha and rec["job_sha256"] == job_sha
         assert rec["sent_to"] == procs["b"].name and isinstance(rec["chunk"], int)
+
+
+def test_a_job_no_worker_has_the_model_for_fails_after_a_bounded_number_of_refusals(cluster, workers, frame):
+    """The only worker has another copy: it refuses each chunk up to MAX_CHUNK_REFUSALS times, then the job fails."""
+    other = install(Path(cluster.root) / "models-c-other", classifier(seed=99))
+    procs = workers({"c": str(other)})
+    small = frame.head(5 * CHUNK_ROWS).to_csv(index=False, float_format="%.17g").encode()
+    job = submit(cluster, *upload(small))
+    done = wait_done(cluster, job["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "model_not_found", done
+    other_sha = Registry(str(other)).get(MODEL).sha256
+    assert f"{procs['c'].name} has {other_sha[:12]}" in done["error"]["message"]
+    assert "refused 11 times" in done["error"]["message"]  # MAX_CHUNK_REFUSALS (10) + 1
+    assert done["counts"] == {"total": 5 * CHUNK_ROWS, "succeeded": 0, "failed": 0, "skipped": 5 * CHUNK_ROWS}
+    assert done["workers"] == {}
+    refusals = [rec for rec in procs["c"].records()
+                if rec.get("job_id") == job["id"] and rec.get("message", "").startswith("chunk refused")]
+    assert refusals and all(rec["sent_to"] is None for rec in refusals)

@@ -156,13 +156,16 @@ def test_commits_record_their_worker_once(store, registry, job_id):
     assert store.r.ttl(keys.committers(job_id)) > 0  # kept as long as the job's results
 
 
-def test_a_refused_chunk_goes_to_a_consuming_worker_that_has_not_refused_the_job():
-    """Peers are workers whose canary ran lately, minus those that refused; none left means the shared queue."""
+def test_a_refused_chunk_goes_to_a_live_worker_that_has_not_refused_the_job():
+    """Peers are workers that did not refuse: consuming ones first, then ones with a fresh heartbeat; else none."""
+    busy, gone = "celery@host-d", "celery@host-e"
     r = fakeredis.FakeRedis()
-    for name in (GOOD, BAD, "celery@host-d"):
+    for name in (GOOD, BAD, busy):
         record_heartbeat(r, name)
     record_canary(r, GOOD)
     record_canary(r, BAD)
-    r.hset(keys.WORKER_CANARIES, "celery@host-d", repr(time.time() - 600))  # alive but not consuming
-    assert pick_peer(r, {BAD}, stale_after=60, heartbeat_interval=5) == GOOD
-    assert pick_peer(r, {BAD, GOOD}, stale_after=60, heartbeat_interval=5) is None
+    r.hset(keys.WORKER_CANARIES, busy, repr(time.time() - 600))  # alive, its canary waiting behind long chunks
+    r.hset(keys.WORKERS, gone, repr(time.time() - 600))
+    assert {pick_peer(r, {BAD}, stale_after=60, heartbeat_interval=5) for _ in range(20)} == {GOOD}
+    assert pick_peer(r, {BAD, GOOD}, stale_after=60, heartbeat_interval=5) == busy
+    assert pick_peer(r, {BAD, GOOD, busy}, stale_after=60, heartbeat_interval=5) is None
