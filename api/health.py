@@ -101,9 +101,10 @@ def metrics() -> Response:
                                heartbeat_interval=svc.settings.HEARTBEAT_INTERVAL)
         queue = queue_length(svc.celery, svc.settings.CHUNK_QUEUE)
         active = svc.redis.scard(keys.ACTIVE_JOBS)
+        commits = svc.store.worker_commits()
         up = 1
     except redis.RedisError:
-        states, queue, active, up = [], 0, 0, 0
+        states, queue, active, commits, up = [], 0, 0, {}, 0
     _metric(lines, "predq_redis_up", "gauge", "Whether Redis answered this scrape.", [({}, up)])
     _metric(lines, "predq_worker_consuming", "gauge", "1 when the worker's canary task ran lately.",
             [({"worker": w.name}, int(w.status == "consuming")) for w in states])
@@ -113,5 +114,7 @@ def metrics() -> Response:
             [({"worker": w.name}, w.canary_age) for w in states if w.canary_age is not None])
     _metric(lines, "predq_queue_length", "gauge", "Chunk messages waiting in the broker.", [({}, queue)])
     _metric(lines, "predq_jobs_active", "gauge", "Jobs not yet in a terminal state.", [({}, active)])
+    _metric(lines, "predq_chunks_committed_total", "counter", "Chunks the worker committed, all jobs together.",
+            [({"worker": name}, count) for name, count in sorted(commits.items())])
     _serving_metrics(lines)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

@@ -287,8 +287,11 @@ def list_jobs() -> Response:
 @operation("get", "/v1/jobs/{job_id}", summary="A job's status", params=[path("job_id")],
            responses={200: schemas.Job, 404: None})
 def get_job(job_id: str) -> Response:
-    """Status, counts, progress and speed of one job."""
-    return json_response(_job(job_id).to_public())
+    """Status, counts, progress and speed of one job; for admin keys also the chunks each worker committed."""
+    body = _job(job_id).to_public()
+    if current_principal().sees_every_job:
+        body["workers"] = services().store.committed_by(job_id)
+    return json_response(body)
 
 
 def _tables(job: Job, kind: str) -> Iterator[pa.Table]:

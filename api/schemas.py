@@ -123,6 +123,8 @@ class Job(BaseModel):
     schedule: dict[str, str] | None = Field(description="For a schedule's run: name, slot and date.")
     error: JobError | None
     links: Links
+    workers: dict[str, int] | None = Field(
+        None, description="Only for admin keys, on GET /v1/jobs/{id}: chunks each worker (by node name) committed.")
 
 
 class JobList(BaseModel):

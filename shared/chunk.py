@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +16,9 @@ from shared.registry import ModelVersion, Registry
 
 log = logging.getLogger(__name__)
 Send = Callable[[str, int], None]
+#: Puts a refused chunk's message back for another worker, given the workers that refused the job so far; returns
+#: the worker it was sent to, or None when it went back to the shared queue.
+Reroute = Callable[[str, int, Collection[str]], str | None]
 
 
 def read_input(blob: bytes, parse: bool = True) -> tuple[pa.Table, list]:
@@ -98,7 +101,8 @@ def failed_chunk_errors(table: pa.Table, pre_errors: list, job: Job, message: st
                          job.options.id_column, [all_ids[i] for i in order] if job.options.id_column else None)
 
 
-def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd") -> str:
+def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd",
+               worker: str = "") -> str:
     """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it)."""
     job = store.get(job_id)
     blob = store.input_blob(job_id, index)
@@ -106,53 +110,89 @@ def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Sen
         return "gone"
     table, pre_errors = read_input(blob, parse=False)
     errors = failed_chunk_errors(table, pre_errors, job, message)
-    return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+    return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression),
+                   worker=worker)
 
 
-def _commit(store: JobStore, send: Send, job_id: str, index: int, *args) -> str:
+def _commit(store: JobStore, send: Send, job_id: str, index: int, *args, worker: str) -> str:
     """Commit a chunk, then send the chunks its commit let into the job's window."""
-    status, to_send = store.commit(job_id, index, *args)
+    status, to_send = store.commit(job_id, index, *args, worker=worker)
     for next_index in to_send:
         send(job_id, next_index)
     return status
 
 
-def _fail_job(store: JobStore, job_id: str, index: int, code: str, message: str) -> str:
-    """Fail the whole job; this worker's own claimed chunk is skipped like every other idle one."""
-    store.stop(job_id, "fail", code, message)
-    return store.skip(job_id, index)
+def _model_copy(registry: Registry, job: Job) -> ModelVersion | None:
+    """This worker's copy of the job's model version, or None when it has none."""
+    try:
+        return registry.get(job.model, job.version)
+    except ModelNotFound:
+        return None
+
+
+def _short(sha256: str) -> str:
+    return f"{sha256[:12]}..." if sha256 else "none"
+
+
+def _refuse(store: JobStore, job: Job, index: int, found: str, worker: str, send: Send,
+            reroute: Reroute | None) -> str:
+    """Leave a chunk to workers whose copy of the model is the job's; fail the job once it was refused too often."""
+    outcome, refusals = store.refuse(job.id, index, worker, found)
+    if outcome == "stop":
+        return store.skip(job.id, index)
+    if outcome in ("gone", "done"):
+        return outcome
+    context = {"job_id": job.id, "chunk": index, "worker": worker, "model": job.model, "model_version": job.version,
+               "worker_sha256": found or None, "job_sha256": job.sha256, "refusals": refusals}
+    if outcome == "exhausted":
+        copies = ", ".join(f"{name} has {_short(sha)}" for name, sha in sorted(store.refusers(job.id).items()))
+        message = (f"No worker has model {job.model!r} version {job.version!r} with the sha256 "
+                   f"{_short(job.sha256)} this job was created with: chunk {index} was refused {refusals} "
+                   f"times ({copies}). Deploy the same model file to every worker.")
+        log.error("job failed: no worker has its model", extra=context)
+        return store.stop(job.id, "fail", "model_not_found", message)
+    if reroute is None:
+        send(job.id, index)
+        target = None
+    else:
+        target = reroute(job.id, index, store.refusers(job.id))
+    log.warning("chunk refused: this worker's copy of the model differs from the job's; left to another worker",
+                extra={**context, "sent_to": target})
+    return "refused"
 
 
 def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, send: Send, *,
-                  compression: str = "zstd", max_predict_calls: int = 200) -> str:
-    """Run one chunk of a job end to end; returns what became of it (for logs and tests)."""
+                  compression: str = "zstd", max_predict_calls: int = 200, worker: str = "",
+                  reroute: Reroute | None = None) -> str:
+    """Run one chunk of a job end to end; returns what became of it (for logs and tests).
+
+    `worker` names this worker (recorded with the commit). A worker whose copy of the model differs from the one the
+    job pinned (its sha256) refuses the chunk before claiming it, so that refusals never count as attempts, and puts
+    it back with `reroute` (or `send`, to the shared queue) for a worker that has the right copy.
+    """
+    job = store.get(job_id)
+    if job is None:
+        return "gone"
+    mv = _model_copy(registry, job)
+    if mv is None or mv.sha256 != job.sha256:
+        return _refuse(store, job, index, mv.sha256 if mv else "", worker, send, reroute)
     outcome, attempt, blob = store.claim(job_id, index)
     if outcome in ("gone", "done"):
         return outcome
     if outcome == "stop":
         return store.skip(job_id, index)
-    job = store.get(job_id)
-    if job is None:
-        return "gone"
     if outcome == "poison":
         message = f"the chunk could not be processed after {attempt - 1} attempts"
         log.error("job %s chunk %d: %s; its rows fail", job_id, index, message)
         table, pre_errors = read_input(blob, parse=False)
         errors = failed_chunk_errors(table, pre_errors, job, message)
-        return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
-    try:
-        mv = registry.get(job.model, job.version)
-    except ModelNotFound as e:
-        return _fail_job(store, job_id, index, "model_not_found", e.message)
-    if mv.sha256 != job.sha256:
-        message = (f"Model {job.model!r} version {job.version!r} on this worker has sha256 {mv.sha256[:12]}..., "
-                   f"not the {job.sha256[:12]}... the job was created with.")
-        log.error("job %s chunk %d refused: %s", job_id, index, message)
-        return _fail_job(store, job_id, index, "model_not_found", message)
+        return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression),
+                       worker=worker)
     table, pre_errors = read_input(blob)
     results, errors = score_table(mv, table, pre_errors, job, max_predict_calls)
     return _commit(
         store, send, job_id, index, results.num_rows, errors.num_rows,
         blobs.encode(results, compression) if results.num_rows else b"",
         blobs.encode(errors, compression) if errors.num_rows else b"",
+        worker=worker,
     )

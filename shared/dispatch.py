@@ -61,6 +61,12 @@ def send_output(app: Celery, job_id: str) -> None:
     app.send_task(WRITE_OUTPUT, args=[job_id])
 
 
-def send_chunk(app: Celery, job_id: str, index: int) -> None:
-    """Send one chunk's message: only the job id and chunk index travel through the broker."""
-    app.send_task(PROCESS_CHUNK, args=[job_id, index])
+def send_chunk(app: Celery, job_id: str, index: int, queue: str | None = None) -> None:
+    """Send one chunk's message: only the job id and chunk index travel through the broker.
+
+    `queue`: one worker's own queue instead of the shared one (a chunk another worker refused).
+    """
+    if queue is None:
+        app.send_task(PROCESS_CHUNK, args=[job_id, index])
+    else:
+        app.send_task(PROCESS_CHUNK, args=[job_id, index], queue=queue)

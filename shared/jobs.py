@@ -166,24 +166,27 @@ class Job:
 class JobStore:
     """Creates, reads and changes jobs in Redis; the only module that knows their keys' layout."""
 
-    def __init__(self, client: redis.Redis, *, result_ttl: int, max_attempts: int = 3, stale_after: float = 900):
+    def __init__(self, client: redis.Redis, *, result_ttl: int, max_attempts: int = 3, stale_after: float = 900,
+                 max_refusals: int = 10):
         self.r = client
         self.result_ttl = result_ttl
         self.max_attempts = max_attempts
         self.stale_after = stale_after
+        self.max_refusals = max_refusals
         self._add_chunk = client.register_script(lua.ADD_CHUNK)
         self._feed = client.register_script(lua.FEED)
         self._finish_ingest = client.register_script(lua.FINISH_INGEST)
         self._claim = client.register_script(lua.CLAIM_CHUNK)
         self._commit = client.register_script(lua.COMMIT_CHUNK)
         self._skip = client.register_script(lua.SKIP_CHUNK)
+        self._refuse = client.register_script(lua.REFUSE_CHUNK)
         self._stop = client.register_script(lua.STOP_JOB)
 
     @staticmethod
     def _keys(job_id: str) -> list[str]:
         return [keys.job(job_id), keys.chunks(job_id), keys.inputs(job_id), keys.results(job_id),
                 keys.errors(job_id), keys.done(job_id), keys.running(job_id), keys.attempts(job_id),
-                keys.sent(job_id), keys.ACTIVE_JOBS]
+                keys.sent(job_id), keys.ACTIVE_JOBS, keys.committers(job_id), keys.refusals(job_id)]
 
     # -- creation, while the input is read ----------------------------------------------------------
     def create(self, *, model: str, version: str, sha256: str, options: JobOptions, metadata: dict,
@@ -250,12 +253,46 @@ class JobStore:
         return outcome, attempt, (reply[2] if len(reply) > 2 else None)
 
     def commit(self, job_id: str, index: int, succeeded: int, failed: int, result_blob: bytes,
-               error_blob: bytes) -> tuple[str, list[int]]:
-        """Commit a processed chunk once: ('duplicate', []) when it already was, else (the job's state, chunks to send)."""
-        return self._with_sends(self._commit(
+               error_blob: bytes, worker: str = "") -> tuple[str, list[int]]:
+        """Commit a processed chunk once: ('duplicate', []) when it already was, else (the job's state, chunks to send).
+
+        `worker` (the committing worker's name) is recorded with the chunk, and counted in the workers' totals.
+        """
+        status, sends = self._with_sends(self._commit(
             self._keys(job_id),
-            [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after],
+            [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after,
+             worker],
         ))
+        if worker and status not in ("duplicate", "gone"):
+            # Outside the script: a counter across all jobs, whose key lies outside the job's hash slot.
+            self.r.hincrby(keys.WORKER_COMMITS, worker, 1)
+        return status, sends
+
+    def refuse(self, job_id: str, index: int, worker: str, worker_sha256: str) -> tuple[str, int]:
+        """Hand a chunk back unclaimed (this worker's model copy differs): ('refused' or 'exhausted', refusals so far)
+        or (like claim: 'gone', 'done', 'stop', 0). 'exhausted': it was refused more than max_refusals times."""
+        reply = self._refuse(self._keys(job_id), [index, time.time(), worker, worker_sha256, self.max_refusals])
+        return self._decode(reply[0]), (int(reply[1]) if len(reply) > 1 else 0)
+
+    def refusers(self, job_id: str) -> dict[str, str]:
+        """Workers that refused chunks of the job: name -> the sha256 of their copy of its model ('' for none)."""
+        found = self.r.hgetall(keys.refusals(job_id))
+        return {k.decode()[3:]: v.decode() for k, v in found.items() if k.startswith(b"by:")}
+
+    def committed_by(self, job_id: str) -> dict[str, int]:
+        """Chunks of the job each worker committed (name -> count), skipped chunks aside."""
+        counts: dict[str, int] = {}
+        for name in self.r.hvals(keys.committers(job_id)):
+            counts[name.decode()] = counts.get(name.decode(), 0) + 1
+        return counts
+
+    def committers(self, job_id: str) -> dict[int, str]:
+        """The worker that committed each committed chunk (chunk index -> worker name)."""
+        return {int(k): v.decode() for k, v in self.r.hgetall(keys.committers(job_id)).items()}
+
+    def worker_commits(self) -> dict[str, int]:
+        """Chunks each worker has committed, every job together (the worker metric's source)."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(keys.WORKER_COMMITS).items()}
 
     def skip(self, job_id: str, index: int) -> str:
         return self._decode(self._skip(self._keys(job_id), [index, time.time(), self.result_ttl])[0])

@@ -10,6 +10,7 @@ JOBS = f"{PREFIX}:jobs"                  # sorted set, all scores 0, members are
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"    # set of ids of jobs not yet terminal
 WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat of its main process (epoch seconds)
 WORKER_CANARIES = f"{PREFIX}:workers:canary"  # hash: worker name -> when a canary task last ran on it
+WORKER_COMMITS = f"{PREFIX}:workers:commits"   # hash: worker name -> chunks it has committed, all jobs together
 
 
 def idempotency(key: str) -> str:
@@ -62,9 +63,19 @@ def sent(job_id: str) -> str:
     return f"{job(job_id)}:sent"
 
 
+def committers(job_id: str) -> str:
+    """Hash: chunk index -> name of the worker that committed it, written with the commit."""
+    return f"{job(job_id)}:committers"
+
+
+def refusals(job_id: str) -> str:
+    """Hash: chunk index -> times workers refused it; `by:<worker>` -> the sha256 of that worker's model copy."""
+    return f"{job(job_id)}:refusals"
+
+
 def all_job_keys(job_id: str) -> list[str]:
     return [job(job_id), chunks(job_id), inputs(job_id), results(job_id), errors(job_id),
-            done(job_id), running(job_id), attempts(job_id), sent(job_id)]
+            done(job_id), running(job_id), attempts(job_id), sent(job_id), committers(job_id), refusals(job_id)]
 
 
 def schedule_slot(name: str, slot_iso: str) -> str:

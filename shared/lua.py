@@ -1,11 +1,13 @@
 """Lua scripts that change a job atomically. Each takes the same KEYS (see JobStore._keys).
 
-KEYS: 1 job, 2 chunks, 3 inputs, 4 results, 5 errors, 6 done, 7 running, 8 attempts, 9 sent, 10 active-jobs set.
+KEYS: 1 job, 2 chunks, 3 inputs, 4 results, 5 errors, 6 done, 7 running, 8 attempts, 9 sent, 10 active-jobs set,
+11 committers, 12 refusals.
 """
 
 _PRELUDE = r"""
 local job, chunks, inputs, results, errors, done, running, attempts, sent, active =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local committers, refusals = KEYS[11], KEYS[12]
 
 local TERMINAL = {succeeded=true, partially_succeeded=true, failed=true, cancelled=true}
 
@@ -84,8 +86,8 @@ local function finalise_if_complete(now, ttl)
   else status = 'succeeded' end
   redis.call('HSET', job, 'status', status, 'finished_at', now)
   if redis.call('HGET', job, 'started_at') == false then redis.call('HSET', job, 'started_at', now) end
-  redis.call('DEL', inputs, running, attempts, sent)
-  for _, key in ipairs({job, chunks, results, errors, done}) do redis.call('EXPIRE', key, ttl) end
+  redis.call('DEL', inputs, running, attempts, sent, refusals)
+  for _, key in ipairs({job, chunks, results, errors, done, committers}) do redis.call('EXPIRE', key, ttl) end
   redis.call('SREM', active, redis.call('HGET', job, 'id'))
   return status
 end
@@ -136,7 +138,7 @@ if n > max_attempts then return {'poison', n, blob} end
 return {'run', n, blob}
 """
 
-# ARGV: idx, succeeded, failed, result_blob, error_blob, now, ttl, stale_after
+# ARGV: idx, succeeded, failed, result_blob, error_blob, now, ttl, stale_after, worker (always the last)
 #   -> {'gone'} | {'duplicate'} | {'open' or terminal status, chunk indexes to send next...}
 COMMIT_CHUNK = _PRELUDE + r"""
 local idx = ARGV[1]
@@ -148,6 +150,7 @@ if redis.call('SADD', done, idx) == 0 then return {'duplicate'} end
 settle(idx)
 redis.call('HDEL', inputs, idx)
 redis.call('HDEL', running, idx)
+redis.call('HSET', committers, idx, ARGV[#ARGV])
 if ok > 0 then redis.call('HSET', results, idx, ARGV[4]) end
 if bad > 0 then redis.call('HSET', errors, idx, ARGV[5]) end
 redis.call('HINCRBY', job, 'succeeded', ok)
@@ -164,6 +167,24 @@ if rate and not redis.call('HGET', job, 'stop') then
 end
 local sends = feed(now)
 return with_sends(finalise_if_complete(now, ttl), sends)
+"""
+
+# ARGV: idx, now, worker, worker_sha256, max_refusals
+#   -> {'gone'} | {'done'} | {'stop'} | {'refused', refusals} | {'exhausted', refusals}
+# A worker whose copy of the job's model differs hands a chunk back without claiming it: its attempts (meant for
+# crashes) stay as they were, and the chunk counts as sent again, since the worker puts its message back.
+REFUSE_CHUNK = _PRELUDE + r"""
+local idx, now, max_refusals = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if redis.call('SISMEMBER', done, idx) == 1 then return {'done'} end
+if TERMINAL[redis.call('HGET', job, 'status')] then return {'done'} end
+if redis.call('HGET', job, 'stop') then return {'stop'} end
+if redis.call('HEXISTS', inputs, idx) == 0 then return {'gone'} end
+local n = redis.call('HINCRBY', refusals, idx, 1)
+redis.call('HSET', refusals, 'by:' .. ARGV[3], ARGV[4])
+if n > max_refusals then return {'exhausted', n} end
+redis.call('HSET', sent, idx, now)
+return {'refused', n}
 """
 
 # ARGV: idx, now, ttl -> like COMMIT_CHUNK; for a chunk found while the job is stopping.

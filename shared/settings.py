@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     MAX_CHUNK_ROWS: int = Field(200_000, ge=1)
     CHUNK_COMPRESSION: str = Field("zstd", pattern="^(zstd|lz4|none)$")
     MAX_CHUNK_ATTEMPTS: int = Field(3, ge=1, description="Deliveries of one chunk before its rows fail.")
+    MAX_CHUNK_REFUSALS: int = Field(10, ge=1, description="Refusals of one chunk by workers whose copy of the "
+                                    "job's model differs before the job fails.")
     BISECT_MAX_PREDICT_CALLS: int = Field(200, ge=1)
 
     CHUNK_SOFT_TIME_LIMIT: float = Field(120, gt=0)

@@ -1,7 +1,9 @@
 """Worker liveness: a heartbeat says a worker process exists; a canary task that ran says it consumes."""
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis
@@ -66,3 +68,16 @@ def worker_states(client: redis.Redis, *, stale_after: float, heartbeat_interval
         states.append(WorkerState(raw.decode(), None if beat is None else round(beat, 1),
                                   None if canary is None else round(canary, 1), status))
     return states
+
+
+def pick_peer(client: redis.Redis, refusers: Collection[str], *, stale_after: float,
+              heartbeat_interval: float) -> str | None:
+    """A worker that has not refused the job, chosen at random: one consuming its queues now, else one whose heartbeat
+    is fresh (its canary may wait behind long chunks); None when there is neither."""
+    states = [w for w in worker_states(client, stale_after=stale_after, heartbeat_interval=heartbeat_interval)
+              if w.name not in refusers]
+    for status in ("consuming", "stalled"):
+        candidates = [w.name for w in states if w.status == status]
+        if candidates:
+            return random.choice(candidates)
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 from functools import lru_cache
 
 import redis
@@ -36,7 +37,7 @@ from shared.registry import Registry
 from shared.runs import RunContext, tick
 from shared.schedules import Schedule, load_schedules
 from shared.settings import get_settings
-from shared.workers import forget, record_canary, record_heartbeat, worker_queue
+from shared.workers import forget, pick_peer, record_canary, record_heartbeat, worker_queue
 from worker.app import app
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def _redis() -> redis.Redis:
 @lru_cache(maxsize=1)
 def _store() -> JobStore:
     s = get_settings()
-    return JobStore(_redis(), result_ttl=s.RESULT_TTL, max_attempts=s.MAX_CHUNK_ATTEMPTS, stale_after=s.CHUNK_TIME_LIMIT * 2)
+    return JobStore(_redis(), result_ttl=s.RESULT_TTL, max_attempts=s.MAX_CHUNK_ATTEMPTS, stale_after=s.CHUNK_TIME_LIMIT * 2,
+                    max_refusals=s.MAX_CHUNK_REFUSALS)
 
 
 @lru_cache(maxsize=1)
@@ -66,6 +68,14 @@ def _registry() -> Registry:
 
 def _send(job_id: str, index: int) -> None:
     send_chunk(app, job_id, index)
+
+
+def _reroute(job_id: str, index: int, refusers: Collection[str]) -> str | None:
+    """Send a refused chunk to a worker that has not refused its job (its own queue), or back to the shared queue."""
+    s = get_settings()
+    target = pick_peer(_redis(), refusers, stale_after=s.WORKER_STALE_SECONDS, heartbeat_interval=s.HEARTBEAT_INTERVAL)
+    send_chunk(app, job_id, index, worker_queue(target) if target else None)
+    return target
 
 
 def _finished(job_id: str) -> None:
@@ -153,15 +163,16 @@ def process_chunk(job_id: str, index: int) -> None:
     """Process one chunk of a job; duplicates and chunks of gone jobs are dropped by the store."""
     s = get_settings()
     started = time.perf_counter()
+    worker = process_chunk.request.hostname or ""
     try:
         outcome = run_chunk(_store(), _registry(), job_id, index, _send, compression=s.CHUNK_COMPRESSION,
-                            max_predict_calls=s.BISECT_MAX_PREDICT_CALLS)
+                            max_predict_calls=s.BISECT_MAX_PREDICT_CALLS, worker=worker, reroute=_reroute)
     except (redis.RedisError, SoftTimeLimitExceeded):
         raise  # transient or too slow: retried, and the chunk's attempt counter bounds the retries
     except Exception as e:  # noqa: BLE001 - a bug must fail this chunk's rows, not leave the job running forever
         log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
-                             _send, s.CHUNK_COMPRESSION)
+                             _send, s.CHUNK_COMPRESSION, worker=worker)
     if outcome in TERMINAL:
         _finished(job_id)
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,

@@ -155,17 +155,6 @@ def test_poison_chunk_fails_its_rows_after_the_allowed_attempts(store, registry,
     assert errors.column("code").to_pylist() == ["chunk_failed"] * 7
 
 
-def test_a_changed_model_file_fails_the_job(store, registry):
-    """A worker whose model differs from the one the job pinned refuses to predict with it."""
-    job_id = store.create(model="fussy", version="v1", sha256="0" * 64, options=JobOptions(), metadata={},
-                          source_format="csv")
-    _fill(store, job_id, [5, 5])
-    assert run(store, registry, job_id, 0) == "failed"
-    job = store.get(job_id)
-    assert job.error_code == "model_not_found" and "sha256" in job.error_message
-    assert (job.succeeded, job.skipped) == (0, 10)
-
-
 def test_an_unexpected_error_fails_the_chunk_rows(store, registry, new_job):
     """A chunk whose processing hits a bug ends as chunk_failed rows instead of leaving the job running."""
     job_id = new_job()
