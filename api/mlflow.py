@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import orjson
@@ -22,9 +21,17 @@ from api.models import predict_all
 from api.openapi import operation, query
 from api.parsing import read_body
 from api.responses import json_response
-from api.services import services
+from api.services import package_version, services
 from shared.blobs import ROW
-from shared.errors import InvalidFile, InvalidParameter, MalformedJson, NotReady, PredqError, UnsupportedMediaType
+from shared.errors import (
+    BadRequest,
+    InvalidFile,
+    InvalidParameter,
+    MalformedJson,
+    NotReady,
+    PredqError,
+    UnsupportedMediaType,
+)
 from shared.readers import Limits, open_reader
 from shared.registry import ModelVersion
 
@@ -37,17 +44,6 @@ CONTENT_TYPES = ("application/json", "text/csv")
 
 
 
-class BadRequest(PredqError):
-    """A body MLflow's scoring server would refuse (rendered as error_code BAD_REQUEST)."""
-
-    status, code = 400, "bad_request"
-
-
-def _version() -> str:
-    try:
-        return version("predq")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
 
 
 def _model() -> ModelVersion:
@@ -253,6 +249,6 @@ def health() -> Response:
 
 @bp.get("/version")
 @operation("get", "/version", summary="Server version, as MLflow's /version", responses={200: "text/plain"})
-def server_version() -> Response:
+def serverpackage_version() -> Response:
     """This server's version as plain text (MLflow's scoring server answers its own version here)."""
-    return Response(_version(), mimetype="text/plain")
+    return Response(package_version(), mimetype="text/plain")

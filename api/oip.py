@@ -2,15 +2,16 @@
 
 A model's inputs are its features, one tensor each, named by the feature; one tensor of shape [rows, features]
 with the features in the model's order is accepted too (KServe's scikit-learn server takes that). The outputs
-are `predict` and, for classifiers, `predict_proba` ([rows, classes], classes in the model's order). Errors are
+are `predict` and, for classifiers, `predict_proba` ([rows, classes], classes in the model's order), in JSON.
+Inputs may come as JSON or as binary tensor data (Triton's extension, its client's default). Errors are
 `{"error": "<message>"}` (rendered by api/errors.py).
 """
 from __future__ import annotations
 
 import math
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
 import orjson
 from flask import Blueprint, Response, request
 
@@ -19,8 +20,8 @@ from api.models import predict_all
 from api.openapi import operation, path
 from api.parsing import read_body
 from api.responses import json_response
-from api.services import services
-from shared.errors import MalformedJson, PredqError
+from api.services import package_version, services
+from shared.errors import BadRequest, MalformedJson, PredqError
 from shared.registry import ModelVersion
 
 bp = Blueprint("oip", __name__)
@@ -31,17 +32,10 @@ _FEATURE_DATATYPES = {"float64": "FP64", "int64": "INT64", "bool": "BOOL", "stri
 _INTEGER = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 _FLOAT = {"FP16", "FP32", "FP64"}
 DATATYPES = _INTEGER | _FLOAT | {"BOOL", "BYTES"}
+_NUMPY = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
+          "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 
 
-class BadRequest(PredqError):
-    status, code = 400, "bad_request"
-
-
-def _version() -> str:
-    try:
-        return version("predq")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _model(name: str, model_version: str | None) -> ModelVersion:
@@ -105,7 +99,55 @@ def _check_values(name: str, datatype: str, values: list) -> None:
             raise BadRequest(f"Input {name!r} is declared {datatype} but holds {shown[:40]}.")
 
 
-def _tensor(i: int, raw: Any) -> tuple[str, list[int], list]:
+class BinaryData:
+    """The bytes after the JSON header of a request in the binary tensor data extension, taken input by input."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+        self.offset = 0
+
+    def take(self, name: str, size: Any) -> memoryview:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"Input {name!r} has a binary_data_size that is not a non-negative integer.")
+        if self.offset + size > len(self.data):
+            raise BadRequest(f"Input {name!r} claims {size} bytes of binary data; only "
+                             f"{len(self.data) - self.offset} are left in the body.")
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += size
+        return chunk
+
+    def check_used(self) -> None:
+        if self.offset != len(self.data):
+            raise BadRequest(f"{len(self.data) - self.offset} bytes of binary data belong to no input.")
+
+
+def _decode(name: str, datatype: str, chunk: memoryview, count: int) -> list:
+    """Binary tensor data (little-endian, row-major; BYTES as 4-byte lengths each followed by the bytes) as values."""
+    if datatype != "BYTES":
+        width = np.dtype(_NUMPY[datatype]).itemsize
+        if len(chunk) != count * width:
+            raise BadRequest(f"Input {name!r} has {len(chunk)} bytes of binary data; {count} {datatype} values take "
+                             f"{count * width}.")
+        return np.frombuffer(chunk, dtype=_NUMPY[datatype]).tolist()
+    values: list = []
+    at = 0
+    while at < len(chunk):
+        if at + 4 > len(chunk):
+            raise BadRequest(f"Input {name!r}: its binary BYTES data ends inside a length prefix.")
+        size = int.from_bytes(chunk[at:at + 4], "little")
+        if at + 4 + size > len(chunk):
+            raise BadRequest(f"Input {name!r}: a binary BYTES element runs past the input's data.")
+        try:
+            values.append(bytes(chunk[at + 4:at + 4 + size]).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"Input {name!r}: a BYTES element is not UTF-8 text.") from e
+        at += 4 + size
+    if len(values) != count:
+        raise BadRequest(f"Input {name!r} has {len(values)} BYTES elements; its shape needs {count}.")
+    return values
+
+
+def _tensor(i: int, raw: Any, binary: BinaryData) -> tuple[str, list[int], list]:
     """(name, shape, flat values) of one input tensor, checked against its own declaration."""
     if not isinstance(raw, dict):
         raise BadRequest(f"inputs[{i}] must be an object {{\"name\", \"shape\", \"datatype\", \"data\"}}.")
@@ -117,25 +159,27 @@ def _tensor(i: int, raw: Any) -> tuple[str, list[int], list]:
         raise BadRequest(f"Input {name!r} needs a \"shape\": a list of non-negative integers.")
     if datatype not in DATATYPES:
         raise BadRequest(f"Input {name!r} has datatype {datatype!r}; expected one of {', '.join(sorted(DATATYPES))}.")
-    if isinstance(raw.get("parameters"), dict) and "binary_data_size" in raw["parameters"]:
-        raise BadRequest(f"Input {name!r} is sent as binary data, which this server does not take; send its values "
-                         "in \"data\" (tritonclient: set_data_from_numpy(..., binary_data=False)).")
+    expected = math.prod(shape)
+    parameters = raw.get("parameters")
+    if isinstance(parameters, dict) and "binary_data_size" in parameters:
+        values = _decode(name, datatype, binary.take(name, parameters["binary_data_size"]), expected)
+        return name, shape, values
     if not isinstance(data, list):
         raise BadRequest(f"Input {name!r} needs \"data\": its values as a (flat or nested) list.")
-    values: list = []
+    values = []
     _flatten(data, values)
-    expected = math.prod(shape)
     if len(values) != expected:
         raise BadRequest(f"Input {name!r} has {len(values)} values; its shape {shape} needs {expected}.")
     _check_values(name, datatype, values)
     return name, shape, values
 
 
-def _columns(mv: ModelVersion, inputs: Any) -> tuple[dict[str, list], int]:
+def _columns(mv: ModelVersion, inputs: Any, binary: BinaryData) -> tuple[dict[str, list], int]:
     """Feature columns from the input tensors, and the number of rows."""
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("\"inputs\" must be a non-empty list of tensors, one per feature.")
-    tensors = [_tensor(i, raw) for i, raw in enumerate(inputs)]
+    tensors = [_tensor(i, raw, binary) for i, raw in enumerate(inputs)]
+    binary.check_used()
     features = [f.name for f in mv.features]
     names = [t[0] for t in tensors]
     if len(set(names)) != len(names):
@@ -179,10 +223,13 @@ def _requested(mv: ModelVersion, outputs: Any) -> list[str]:
 
 
 def _infer(name: str, model_version: str | None) -> Response:
-    if "Inference-Header-Content-Length" in request.headers:
-        raise BadRequest("Binary tensor data is not accepted; send JSON tensors (tritonclient: binary_data=False "
-                         "for inputs and requested outputs).")
     raw = read_body(request, services().settings.MAX_JSON_BYTES)  # any content type: Triton's client sends none
+    header_length = request.headers.get("Inference-Header-Content-Length")
+    binary = BinaryData(b"")
+    if header_length is not None:  # the binary tensor data extension: a JSON header, then the inputs' bytes
+        if not header_length.isdigit() or int(header_length) > len(raw):
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a length within the body.")
+        raw, binary = raw[:int(header_length)], BinaryData(raw[int(header_length):])
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -194,7 +241,7 @@ def _infer(name: str, model_version: str | None) -> Response:
         raise BadRequest("\"id\" must be a string.")
     mv = _model(name, model_version)
     outputs = _requested(mv, body.get("outputs"))
-    columns, rows = _columns(mv, body.get("inputs"))
+    columns, rows = _columns(mv, body.get("inputs"), binary)
     predictions, probas = predict_all(mv, columns, rows, probabilities="predict_proba" in outputs)
     tensors = []
     for output in outputs:
@@ -239,7 +286,7 @@ def ready() -> Response:
 @operation("get", "/v2", summary="OIP server metadata", responses={200: schemas.OipServerMetadata})
 def server_metadata() -> Response:
     """The server's name, version and protocol extensions (none)."""
-    return json_response({"name": "predq", "version": _version(), "extensions": []})
+    return json_response({"name": "predq", "version": package_version(), "extensions": []})
 
 
 _NAME = path("name")

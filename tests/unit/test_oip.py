@@ -166,6 +166,46 @@ def test_unknown_inputs_are_ignored(client, models_dir):
     assert answer["outputs"][0]["data"] == expected
 
 
+def binary_request(tensors: list[tuple[str, str, list[int], bytes]], extra: bytes = b"") -> tuple[bytes, dict]:
+    """A body in Triton's binary tensor data extension: the JSON header, then each input's bytes in order."""
+    header = json.dumps({"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                                    for n, d, s, b in tensors]}).encode()
+    body = header + b"".join(b for *_, b in tensors) + extra
+    return body, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def bytes_tensor(values: list[str]) -> bytes:
+    return b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in values)
+
+
+def test_binary_tensor_data_as_tritons_client_sends_by_default(client, models_dir):
+    """Inputs in the binary extension (FP32, INT32, BOOL, BYTES) predict as the same values in JSON."""
+    rows = np.array(IRIS_ROWS, dtype=np.float32)
+    body, headers = binary_request([(f, "FP32", [3], rows[:, j].tobytes()) for j, f in enumerate(IRIS_FEATURES)])
+    answer = infer(client, body, headers=headers).get_json()
+    expected = model(models_dir, "iris").predict(pd.DataFrame(rows.astype(np.float64), columns=IRIS_FEATURES))
+    assert answer["outputs"][0]["data"] == expected.tolist()
+    body, headers = binary_request([("n", "INT32", [2], np.array([1, 6], dtype="<i4").tobytes()),
+                                    ("flag", "BOOL", [2], np.array([True, False]).tobytes()),
+                                    ("color", "BYTES", [2], bytes_tensor(["red", "blue"]))])
+    answer = infer(client, body, name="mixed", headers=headers).get_json()
+    frame = pd.DataFrame({"n": [1, 6], "flag": [True, False],
+                          "color": pd.Categorical(["red", "blue"], categories=["blue", "red"])})
+    assert answer["outputs"][0]["data"] == model(models_dir, "mixed").predict(frame).tolist()
+
+
+@pytest.mark.parametrize(("tensors", "extra", "fragment"), [
+    ([("n", "INT32", [2], b"\x01\x00\x00\x00")], b"", "has 4 bytes of binary data; 2 INT32 values take 8"),
+    ([("color", "BYTES", [2], bytes_tensor(["red"]))], b"", "has 1 BYTES elements; its shape needs 2"),
+    ([("color", "BYTES", [1], b"\x09\x00\x00\x00red")], b"", "runs past the input's data"),
+    ([("color", "BYTES", [1], b"\x02\x00\x00\x00\xff\xfe")], b"", "not UTF-8"),
+    ([("n", "INT64", [1], np.array([1], dtype="<i8").tobytes())], b"xyz", "3 bytes of binary data belong to no input"),
+])
+def test_bad_binary_tensor_data_is_400(client, tensors, extra, fragment):
+    body, headers = binary_request(tensors, extra)
+    assert_oip_error(infer(client, body, name="mixed", headers=headers), 400, fragment)
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 def test_the_protocol_specs_own_example_is_refused_for_its_shape(client):
@@ -193,7 +233,7 @@ def with_tensor(name: str, **changes) -> dict:
     (with_tensor("petal width (cm)", shape=[3], data=[1.0, 2.0, 3.0]), "has 3 rows; the inputs before it have 2"),
     (with_tensor("petal width (cm)", datatype="FP128"), "datatype 'FP128'"),
     (with_tensor("petal width (cm)", shape=[2, 2], data=[1, 2, 3, 4]), "shape [rows] or [rows, 1]"),
-    (with_tensor("petal width (cm)", parameters={"binary_data_size": 16}), "binary data"),
+    (with_tensor("petal width (cm)", parameters={"binary_data_size": 16}), "claims 16 bytes of binary data"),
     ({"inputs": [{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
      "second dimension must be 4"),
     ({"inputs": []}, "non-empty list"),
@@ -212,7 +252,8 @@ def test_other_errors(client):
     assert_oip_error(infer(client, "{nope"), 400, "not valid JSON")
     assert_oip_error(infer(client, with_tensor("x"), name="nope"), 404, "'nope'")
     body = {"inputs": feature_tensors(IRIS_ROWS, IRIS_FEATURES)}
-    assert_oip_error(infer(client, body, headers={"Inference-Header-Content-Length": "10"}), 400, "Binary tensor")
+    assert_oip_error(infer(client, body, headers={"Inference-Header-Content-Length": "x"}), 400,
+                     "Inference-Header-Content-Length 'x' is not a length")
     regressor = {"inputs": feature_tensors([[0.0] * 5], FEATURES), "outputs": [{"name": "predict_proba"}]}
     assert_oip_error(infer(client, regressor, name="fussy_reg"), 400, "no output 'predict_proba'")
     poisoned = {"inputs": feature_tensors([[0.1] * 5, [SENTINEL] * 5], FEATURES)}
