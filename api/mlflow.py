@@ -43,9 +43,6 @@ FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 CONTENT_TYPES = ("application/json", "text/csv")
 
 
-
-
-
 def _model() -> ModelVersion:
     """The model named by ?model=, else DEFAULT_MODEL, else the only one deployed."""
     svc = services()
@@ -76,7 +73,7 @@ def _check_content_type() -> str:
     return mimetype
 
 
-def _positional(mv: ModelVersion, rows: list, key: str) -> dict[str, list]:
+def _positional(mv: ModelVersion, rows: list, key: str) -> tuple[dict[str, list], int]:
     """Rows given as lists of values, taken in the model's feature order."""
     width = len(mv.features)
     for i, row in enumerate(rows):
@@ -86,20 +83,20 @@ def _positional(mv: ModelVersion, rows: list, key: str) -> dict[str, list]:
         if len(row) != width:
             raise BadRequest(f"{key}: row {i} has {len(row)} values; the model takes {width} features "
                              f"({', '.join(f.name for f in mv.features[:10])}{', ...' if width > 10 else ''}).")
-    return {f.name: [row[j] for row in rows] for j, f in enumerate(mv.features)}
+    return {f.name: [row[j] for row in rows] for j, f in enumerate(mv.features)}, len(rows)
 
 
-def _records(rows: list, key: str) -> dict[str, list]:
+def _records(rows: list, key: str) -> tuple[dict[str, list], int]:
     """Rows given as objects: one column per key found in any row, None where a row lacks it."""
     names: dict[str, None] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise BadRequest(f"{key}: row {i} is {type(row).__name__}; expected an object of feature values.")
         names.update(dict.fromkeys(row))
-    return {name: [row.get(name) for row in rows] for name in names}
+    return {name: [row.get(name) for row in rows] for name in names}, len(rows)
 
 
-def _rows(mv: ModelVersion, rows: Any, key: str) -> dict[str, list]:
+def _rows(mv: ModelVersion, rows: Any, key: str) -> tuple[dict[str, list], int]:
     if not isinstance(rows, list):
         raise BadRequest(f"{key} must be a list of rows, not {type(rows).__name__}.")
     if rows and isinstance(rows[0], dict):
@@ -107,17 +104,17 @@ def _rows(mv: ModelVersion, rows: Any, key: str) -> dict[str, list]:
     return _positional(mv, rows, key)
 
 
-def _column_dict(columns: dict, key: str) -> dict[str, list]:
+def _column_dict(columns: dict, key: str) -> tuple[dict[str, list], int]:
     """`inputs` (or `instances`) as {feature: [values]}; scalars stand for one row."""
     if all(not isinstance(v, list) for v in columns.values()):
-        return {name: [value] for name, value in columns.items()}
+        return {name: [value] for name, value in columns.items()}, 1 if columns else 0
     lengths = {len(v) if isinstance(v, list) else 1 for v in columns.values()}
     if len(lengths) != 1 or not all(isinstance(v, list) for v in columns.values()):
         raise BadRequest(f"{key}: the length of values for each input/column name are not the same.")
-    return dict(columns)
+    return dict(columns), lengths.pop()
 
 
-def _split(mv: ModelVersion, frame: Any) -> dict[str, list]:
+def _split(mv: ModelVersion, frame: Any) -> tuple[dict[str, list], int]:
     """`dataframe_split`: {"columns": [...], "data": [[...], ...], "index"?: [...]} (pandas' split orientation)."""
     if not isinstance(frame, dict):
         raise BadRequest("dataframe_split must be an object {\"columns\": [...], \"data\": [[...], ...]}.")
@@ -140,10 +137,11 @@ def _split(mv: ModelVersion, frame: Any) -> dict[str, list]:
             got = f"{len(row)} values" if isinstance(row, list) else type(row).__name__
             raise BadRequest(f"dataframe_split: row {i} has {got}; expected a list of {len(columns)} values, one "
                              "per column.")
-    return {name: [row[j] for row in data] for j, name in enumerate(columns)}
+    return {name: [row[j] for row in data] for j, name in enumerate(columns)}, len(data)
 
 
-def _from_json(mv: ModelVersion, raw: bytes) -> dict[str, list]:
+def _from_json(mv: ModelVersion, raw: bytes) -> tuple[dict[str, list], int]:
+    """Columns and the number of rows of a JSON body."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -181,10 +179,10 @@ def _from_csv(mv: ModelVersion, raw: bytes) -> tuple[dict[str, pa.Array], int]:
             for batch in reader:
                 if batch.errors:
                     first = batch.errors[0]
-                    raise BadRequest(f"Failed to parse input as a Pandas DataFrame: row {first.row}: {first.message}.")
+                    raise BadRequest(f"The CSV body cannot be read: row {first.row}: {first.message}.")
                 tables.append(batch.table)
     except InvalidFile as e:
-        raise BadRequest(f"Failed to parse input as a Pandas DataFrame: {e.message}") from e
+        raise BadRequest(f"The CSV body cannot be read: {e.message}") from e
     table = pa.concat_tables(tables) if tables else None
     if table is None or not table.num_rows:
         return {name: pa.array([], type=pa.string()) for name in wanted if name in present}, 0
@@ -215,8 +213,7 @@ def invocations() -> Response:
     if mimetype == "text/csv":
         columns, n_rows = _from_csv(mv, raw)
     else:
-        json_columns = _from_json(mv, raw)
-        columns, n_rows = json_columns, len(next(iter(json_columns.values()), []))
+        columns, n_rows = _from_json(mv, raw)
     predictions, _ = predict_all(mv, columns, n_rows, probabilities=False)
     return json_response({"predictions": predictions})
 

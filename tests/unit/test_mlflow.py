@@ -137,6 +137,7 @@ def test_default_model_and_single_model(models_dir, tmp_path):
     ({"instances": [[1, 2]]}, "the model takes 3 features"),
     ({"dataframe_records": []}, "no rows"),
     ({"dataframe_records": [{"a": 1, "b": 2}]}, "lacks 1 of the model's features: c"),
+    ({"dataframe_records": [{}]}, "lacks 3 of the model's features: a, b, c"),
     ({"dataframe_records": [{"a": 1, "b": 2, "c": 3}, {"a": 1, "b": "x", "c": 3}]}, "Row 1 is invalid: feature 'b'"),
     ({"dataframe_records": [{"a": 1, "b": 2, "c": None}] * 2}, "Row 0 is invalid: feature 'c' is missing"),
 ])
@@ -176,6 +177,9 @@ def test_csv_errors(client):
                         "row 1")
     assert_mlflow_error(invoke(client, "a,b,c\n1,2,abc\n", content_type="text/csv"), 400, "BAD_REQUEST",
                         "feature 'c'")
+    assert_mlflow_error(invoke(client, "a,b,c\n", content_type="text/csv"), 400, "BAD_REQUEST", "no rows")
+    assert_mlflow_error(invoke(client, "", content_type="text/csv"), 400, "BAD_REQUEST")
+    assert_mlflow_error(invoke(client, b"a,b,c\n1,2,\xff\n", content_type="text/csv"), 400, "BAD_REQUEST")
 
 
 def test_unknown_model_and_too_many_rows(client):
