@@ -34,6 +34,14 @@ ERROR_SCHEMAS: dict[str, type[BaseModel]] = {"predq": schemas.Error, "mlflow": s
                                              "oip": schemas.OipError}
 
 
+#: What gunicorn answers itself, before any route (gunicorn.conf.py), so with predq's own error body on every route.
+_SERVER_RESPONSES = {
+    "414": {"description": "URI too long: the request line (method, path and query) is longer than the server "
+                           "accepts (code uri_too_long), answered before the route.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+}
+
+
 def _auth_responses(scope: str, error_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     """What every route behind a key may answer besides its own responses."""
     error = {"application/json": {"schema": _ref(error_model)}}
@@ -102,6 +110,7 @@ def build() -> dict[str, Any]:
             if status >= 400:
                 entry = {"description": _STATUS_TEXT.get(status, "Error"), "content": _content(error_model)}
             responses[str(status)] = entry
+        responses.update(_SERVER_RESPONSES)
         scope = required_scope(op["path"])
         if scope is None:
             security: list[dict[str, list[str]]] = []
@@ -111,7 +120,7 @@ def build() -> dict[str, Any]:
                 if status == "403" and status in responses:  # the route's own 403 too (e.g. source_not_allowed)
                     entry = {**entry, "description": entry["description"] + " Or this route's own refusal."}
                 responses[status] = entry
-            responses = dict(sorted(responses.items()))
+        responses = dict(sorted(responses.items()))
         item: dict[str, Any] = {"summary": op["summary"], "description": op["doc"], "responses": responses,
                                 "security": security}
         if op["params"]:

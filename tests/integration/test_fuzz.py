@@ -32,7 +32,7 @@ from schemathesis import checks as st_checks  # noqa: E402
 from api.errors import protocol  # noqa: E402
 from tests.support.processes import ApiServer  # noqa: E402
 
-#: Examples per operation and generation mode: 16 operations x 2 modes x 100 takes about a minute.
+#: Examples per operation and generation mode: 16 operations x 2 modes x 100 take about a minute.
 EXAMPLES = 100
 #: Fewer for the MLflow and Open Inference Protocol routes (13 operations): their forms share a few parsers, which
 #: the unit tests cover shape by shape; 100 each would double the run.

@@ -106,6 +106,7 @@ def test_path_parameters_are_declared(document):
 
 def test_error_responses_use_the_error_schema(document):
     """Every documented 4xx/5xx response is its protocol's JSON error body: predq's, MLflow's or the OIP's."""
+    assert all("414" in op["responses"] for item in document["paths"].values() for op in item.values())
     components = document["components"]["schemas"]
     assert components["Error"]["properties"]["error"]
     assert set(components["MlflowError"]["properties"]) == {"error_code", "message"}
@@ -117,7 +118,8 @@ def test_error_responses_use_the_error_schema(document):
             for status, response in op["responses"].items():
                 if status[0] in "45":
                     schema = response["content"]["application/json"]["schema"]
-                    expected = ERROR_SCHEMAS[family(path)]
+                    # gunicorn answers 414 before any route, with predq's body
+                    expected = "Error" if status == "414" else ERROR_SCHEMAS[family(path)]
                     assert schema == {"$ref": f"#/components/schemas/{expected}"}, (path, method, status)
 
 
