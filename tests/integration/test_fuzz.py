@@ -36,7 +36,7 @@ from tests.support.processes import ApiServer  # noqa: E402
 EXAMPLES = 100
 #: Fewer for the MLflow and Open Inference Protocol routes (13 operations): their forms share a few parsers, which
 #: the unit tests cover shape by shape; 100 each would double the run.
-COMPAT_EXAMPLES = 20
+COMPAT_EXAMPLES = 10
 CHECKS = [st_checks.not_a_server_error, st_checks.status_code_conformance, st_checks.content_type_conformance,
           st_checks.response_schema_conformance]
 KEY = "pq_fuzz_" + "0" * 40
