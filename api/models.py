@@ -189,7 +189,8 @@ def predict_all(mv: ModelVersion, columns: dict[str, Any], n_rows: int, probabil
     if not validation.valid.all():
         bad = np.flatnonzero(~validation.valid)
         fields = validation.field_errors(int(bad[0]))
-        others = f" ({len(bad) - 1} more rows are invalid)" if len(bad) > 1 else ""
+        more = len(bad) - 1
+        others = f" ({more} more {'row is' if more == 1 else 'rows are'} invalid)" if more else ""
         raise InvalidInput(f"Row {int(bad[0])} is invalid: " + "; ".join(f["message"] for f in fields) + f"{others}.",
                            details={"row": int(bad[0]), "fields": fields})
     scored = predict(mv, validation, probabilities, s.BISECT_MAX_PREDICT_CALLS)

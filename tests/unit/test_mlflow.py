@@ -139,7 +139,8 @@ def test_default_model_and_single_model(models_dir, tmp_path):
     ({"dataframe_records": [{"a": 1, "b": 2}]}, "lacks 1 of the model's features: c"),
     ({"dataframe_records": [{}]}, "lacks 3 of the model's features: a, b, c"),
     ({"dataframe_records": [{"a": 1, "b": 2, "c": 3}, {"a": 1, "b": "x", "c": 3}]}, "Row 1 is invalid: feature 'b'"),
-    ({"dataframe_records": [{"a": 1, "b": 2, "c": None}] * 2}, "Row 0 is invalid: feature 'c' is missing"),
+    ({"dataframe_records": [{"a": 1, "b": 2, "c": None}] * 2},
+     "Row 0 is invalid: feature 'c' is missing (1 more row is invalid)."),
 ])
 def test_a_body_mlflow_refuses_is_400_bad_request(client, body, fragment):
     """Wrong shape, ragged rows, missing columns, wrong types: 400 BAD_REQUEST with a message naming the fault."""
