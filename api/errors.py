@@ -29,7 +29,7 @@ MLFLOW_PATHS = frozenset({"/invocations", "/ping", "/health", "/version"})
 
 
 def protocol(path: str) -> str:
-    """Whose error body a path answers with: "mlflow" (scoring server), "oip" (Open Inference Protocol v2) or "predq"."""
+    """Whose error body a path answers with: "mlflow" (scoring server), "oip" (Inference Protocol v2) or "predq"."""
     if path in MLFLOW_PATHS:
         return "mlflow"
     if path == "/v2" or path.startswith("/v2/"):

@@ -1,4 +1,4 @@
-"""MLflow's scoring protocol: `/invocations` as `mlflow models serve` answers it, and its `/ping`, `/health`, `/version`.
+"""MLflow's scoring protocol: `/invocations` as `mlflow models serve` answers it, with `/ping`, `/health`, `/version`.
 
 Request shapes follow mlflow.pyfunc.scoring_server: a JSON object with exactly one of `dataframe_split`,
 `dataframe_records`, `instances` or `inputs` (other keys but `params` are ignored, as there), or a CSV body with a
@@ -58,7 +58,7 @@ def _model() -> ModelVersion:
 
 
 def _check_content_type() -> str:
-    """The body's media type, refused (415) as MLflow refuses it: another type, a charset but UTF-8, other parameters."""
+    """The body's media type; 415 as MLflow answers: another type, a charset but UTF-8, other parameters."""
     mimetype, options = parse_options_header(request.headers.get("Content-Type", ""))
     if mimetype not in CONTENT_TYPES:
         raise UnsupportedMediaType(f"This predictor only supports the following content types: {list(CONTENT_TYPES)}. "

@@ -164,7 +164,8 @@ def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: A
     return answer
 
 
-def predict_all(mv: ModelVersion, columns: dict[str, Any], n_rows: int, probabilities: bool) -> tuple[list, list | None]:
+def predict_all(mv: ModelVersion, columns: dict[str, Any], n_rows: int,
+                probabilities: bool) -> tuple[list, list | None]:
     """Predictions (and class probabilities) of every row of a whole-request protocol, or one error for the request.
 
     `columns` are JSON values (lists) or Arrow arrays, by feature name. One JSON row takes the single-prediction

@@ -1,4 +1,4 @@
-"""Existing clients against a real gunicorn: Triton's HTTP client (OIP v2) and requests shaped as MLflow's scoring client.
+"""Existing clients against a real gunicorn: Triton's HTTP client (OIP v2) and MLflow scoring client requests.
 
 The predictions must be exactly those of the model file loaded in this process, on the same rows.
 """
