@@ -14,7 +14,7 @@ import requests
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")
