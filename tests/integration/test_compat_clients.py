@@ -49,6 +49,8 @@ def test_triton_client_health_metadata_and_infer(triton, models_dir, cancer):
     """tritonclient: live, ready, metadata, then infer with probabilities equal to model.predict(_proba)."""
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready("breast_cancer")
     assert not triton.is_model_ready("no_such_model")
+    assert triton.is_model_ready("breast_cancer", model_version="v1")
+    assert triton.get_server_metadata()["name"] == "predq"
     meta = triton.get_model_metadata("breast_cancer")
     assert [i["name"] for i in meta["inputs"]] == list(cancer.columns)
     assert {o["name"] for o in meta["outputs"]} == {"predict", "predict_proba"}

@@ -225,6 +225,16 @@ def test_invocations_need_the_predict_scope_and_health_routes_are_open(models_di
         assert client.get(route).status_code == 200
 
 
+def test_one_row_goes_through_the_micro_batcher(client):
+    """A one-row request is predicted by the single-prediction batcher (merged with concurrent ones); more rows not."""
+    batcher = client.application.extensions["predq.serving"].batcher
+    before = batcher.size_histogram()[1]
+    assert invoke(client, {"inputs": [[1.0, 2.0, 3.0]]}).status_code == 200
+    assert batcher.size_histogram()[1] == before + 1
+    assert invoke(client, {"inputs": [[1.0, 2.0, 3.0]] * 3}).status_code == 200
+    assert batcher.size_histogram()[1] == before + 1
+
+
 def test_iris_features_with_spaces(client, models_dir):
     """Feature names with spaces and parentheses work as column names."""
     frame = pd.DataFrame([[5.1, 3.5, 1.4, 0.2], [6.2, 3.4, 5.4, 2.3]], columns=IRIS_FEATURES)
