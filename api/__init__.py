@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app; settings come from the environment, overridden by `config`."""
-    from api import auth, errors, health, jobs, models, openapi, schedules, web
+    from api import auth, errors, health, jobs, mlflow, models, oip, openapi, schedules, web
     from api.parsing import refuse_encoded_bodies
     from api.services import Services
 
@@ -33,7 +33,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     loaded = svc.registry.load_all()
     log.info("models loaded", extra={"models": [f"{m.name}/{m.version}" for m in loaded]})
     app.before_request(refuse_encoded_bodies)
-    for bp in (health.bp, models.bp, jobs.bp, schedules.bp, openapi.bp, web.bp):
+    for bp in (health.bp, models.bp, jobs.bp, schedules.bp, mlflow.bp, oip.bp, openapi.bp, web.bp):
         app.register_blueprint(bp)
     errors.register_error_handlers(app)
     return app

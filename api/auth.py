@@ -25,7 +25,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/health", "/version", "
 
 #: The scope each route needs, by path prefix (Flask rule or OpenAPI path). A route under none of them needs
 #: admin, so a route added without a line here is never open by accident.
-ROUTE_SCOPES = (("/v1/models", PREDICT), ("/invocations", PREDICT), ("/v2/models", PREDICT),
+ROUTE_SCOPES = (("/v1/models", PREDICT), ("/invocations", PREDICT), ("/v2/models", PREDICT), ("/v2", PREDICT),
                 ("/v1/jobs", JOBS), ("/v1/schedules", ADMIN), ("/metrics", ADMIN))
 
 #: An unknown route (404) or method (405) needs a valid key, whatever its scopes.

@@ -1,11 +1,15 @@
-"""The one error handler: every error becomes the contract's JSON body, never a stack trace or HTML."""
+"""The one error handler: every error becomes the contract's JSON body, never a stack trace or HTML.
+
+The routes of other protocols (MLflow's scoring server, the Open Inference Protocol) answer with their own error
+bodies, chosen here by path.
+"""
 from __future__ import annotations
 
 import logging
 
 import orjson
 import redis
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from shared.errors import PredqError
@@ -18,12 +22,45 @@ _HTTP_CODES = {
 }
 
 
+#: MLflow's error codes by HTTP status (mlflow.exceptions ERROR_CODE_TO_HTTP_STATUS, read backwards).
+_MLFLOW_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST",
+                 429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
+MLFLOW_PATHS = frozenset({"/invocations", "/ping", "/health", "/version"})
+
+
+def protocol(path: str) -> str:
+    """Whose error body a path answers with: "mlflow" (scoring server), "oip" (Inference Protocol v2) or "predq"."""
+    if path in MLFLOW_PATHS:
+        return "mlflow"
+    if path == "/v2" or path.startswith("/v2/"):
+        return "oip"
+    return "predq"
+
+
+def _body(status: int, code: str, message: str, details: dict | None) -> tuple[int, dict]:
+    """The status and body of an error in the protocol of the current route.
+
+    MLflow and the Open Inference Protocol refuse a request as a whole, with 400 where predq says 422 (input
+    that cannot be predicted).
+    """
+    kind = protocol(request.path) if has_request_context() else "predq"
+    if kind == "predq":
+        body: dict = {"code": code, "message": message}
+        if details:
+            body["details"] = details
+        return status, {"error": body}
+    if status == 422:
+        status = 400
+    if kind == "oip":
+        return status, {"error": message}
+    mlflow_code = "INVALID_PARAMETER_VALUE" if code == "invalid_parameter" else _MLFLOW_CODES.get(status, "BAD_REQUEST")
+    return status, {"error_code": mlflow_code, "message": message}
+
+
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> Response:
-    body: dict = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    response = Response(orjson.dumps({"error": body}), status=status, mimetype="application/json")
+    status, body = _body(status, code, message, details)
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
     for k, v in (headers or {}).items():
         response.headers[k] = v
     return response

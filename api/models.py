@@ -19,6 +19,7 @@ from api.responses import json_response
 from api.services import services
 from shared.batching import Arrival, BatchFailed, Batcher, PredictionCache
 from shared.errors import EmptyInput, InvalidInput, PredqError, TooManyRows
+from shared.ingest import check_columns
 from shared.prediction import Scored, Validation, json_value, predict, record_plan, validate
 from shared.registry import ModelVersion
 
@@ -127,6 +128,10 @@ def _answer(mv: ModelVersion, prediction: Any, probas: dict | None) -> Response:
 
 
 def _record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arrival) -> Response:
+    return _answer(mv, *score_record(mv, record, probabilities, arrival))
+
+
+def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arrival) -> tuple[Any, dict | None]:
     """One JSON object: validated alone, predicted together with concurrent requests for the same model file."""
     plan = record_plan(mv)
     probabilities = probabilities and plan.probabilities
@@ -135,7 +140,7 @@ def _record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arriva
         row = plan.numeric.row(record)
         if row is None:  # a value that is not plainly valid: the general path names the problem exactly
             arrival.leave()
-            return _answer(mv, *_one(mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities))
+            return _one(mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
         row_bytes = array("d", row).tobytes()
     else:
         row = plan.values(mv, record)
@@ -149,14 +154,53 @@ def _record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arriva
         hit = cache.get(cache_key)
         if hit is not None:
             arrival.leave()
-            return _answer(mv, *hit)
+            return hit
     try:
         answer = arrival.submit((plan.key, probabilities), row, lambda rows: plan.score(mv, rows, probabilities))
     except BatchFailed:  # a batch-mate's row (or this one) made the model raise: this row alone decides
         answer = _one(mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
     if cache is not None:
         cache.put(cache_key, answer)
-    return _answer(mv, *answer)
+    return answer
+
+
+def predict_all(mv: ModelVersion, columns: dict[str, Any], n_rows: int,
+                probabilities: bool) -> tuple[list, list | None]:
+    """Predictions (and class probabilities) of every row of a whole-request protocol, or one error for the request.
+
+    `columns` are JSON values (lists) or Arrow arrays, by feature name. One JSON row takes the single-prediction
+    road (numeric fast path, micro-batcher, cache); more rows are validated and predicted together. The first
+    invalid row, a missing feature or a row the model cannot predict refuses the whole request, naming the row.
+    """
+    s = services().settings
+    if n_rows == 0:
+        raise EmptyInput("The input has no rows; send at least one.")
+    if n_rows > s.SYNC_MAX_ROWS:
+        raise TooManyRows(f"{n_rows} rows is more than the {s.SYNC_MAX_ROWS} a synchronous call takes "
+                          "(SYNC_MAX_ROWS); submit them as a batch job with POST /v1/jobs.",
+                          details={"limit": "SYNC_MAX_ROWS", "max": s.SYNC_MAX_ROWS})
+    if not mv.allows_missing:
+        check_columns(mv, list(columns), None)
+    probabilities = probabilities and mv.task == "classification"
+    if n_rows == 1 and all(isinstance(c, list) for c in columns.values()):
+        with serving().batcher.arrival() as arrival:
+            prediction, probas = score_record(mv, {k: c[0] for k, c in columns.items()}, probabilities, arrival)
+        return [prediction], ([list(probas.values())] if probas is not None else None)
+    validation = validate(mv, columns, n_rows)
+    if not validation.valid.all():
+        bad = np.flatnonzero(~validation.valid)
+        fields = validation.field_errors(int(bad[0]))
+        more = len(bad) - 1
+        others = f" ({more} more {'row is' if more == 1 else 'rows are'} invalid)" if more else ""
+        raise InvalidInput(f"Row {int(bad[0])} is invalid: " + "; ".join(f["message"] for f in fields) + f"{others}.",
+                           details={"row": int(bad[0]), "fields": fields})
+    scored = predict(mv, validation, probabilities, s.BISECT_MAX_PREDICT_CALLS)
+    if len(scored.error_positions):
+        raise PredictionFailed(f"The model could not predict row {int(scored.error_positions[0])}: "
+                               f"{scored.error_messages[0]}.")
+    predictions = [json_value(v) for v in scored.predictions.tolist()]
+    probas = scored.probabilities.tolist() if probabilities and scored.probabilities is not None else None
+    return predictions, probas
 
 
 def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:

@@ -11,6 +11,7 @@ from pydantic.json_schema import models_json_schema
 
 from api import schemas
 from api.auth import required_scope
+from api.errors import protocol
 
 bp = Blueprint("openapi", __name__)
 
@@ -28,9 +29,22 @@ _BEARER = {
 }
 
 
-def _auth_responses(scope: str) -> dict[str, dict[str, Any]]:
+#: The error body of each protocol's routes (api.errors.protocol tells which a path speaks).
+ERROR_SCHEMAS: dict[str, type[BaseModel]] = {"predq": schemas.Error, "mlflow": schemas.MlflowError,
+                                             "oip": schemas.OipError}
+
+
+#: What gunicorn answers itself, before any route (gunicorn.conf.py), so with predq's own error body on every route.
+_SERVER_RESPONSES = {
+    "414": {"description": "URI too long: the request line (method, path and query) is longer than the server "
+                           "accepts (code uri_too_long), answered before the route.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+}
+
+
+def _auth_responses(scope: str, error_model: type[BaseModel]) -> dict[str, dict[str, Any]]:
     """What every route behind a key may answer besides its own responses."""
-    error = {"application/json": {"schema": _ref(schemas.Error)}}
+    error = {"application/json": {"schema": _ref(error_model)}}
     return {
         "401": {"description": "Unauthorized: no API key, or one the service does not know (code unauthorized).",
                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
@@ -75,7 +89,7 @@ def _content(spec: Any) -> dict[str, Any]:
 
 
 def build() -> dict[str, Any]:
-    models = {schemas.Error}
+    models = set(ERROR_SCHEMAS.values())
     for op in _OPERATIONS:
         models.update(m for m in op["responses"].values() if isinstance(m, type))
         for media in (op["body"] or {}).values():
@@ -85,6 +99,7 @@ def build() -> dict[str, Any]:
                                  ref_template="#/components/schemas/{model}")
     paths: dict[str, dict[str, Any]] = {}
     for op in _OPERATIONS:
+        error_model = ERROR_SCHEMAS[protocol(op["path"])]
         responses = {}
         for status, model in sorted(op["responses"].items()):
             entry: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "Response")}
@@ -93,18 +108,19 @@ def build() -> dict[str, Any]:
             elif isinstance(model, str):
                 entry["content"] = {model: {"schema": {"type": "string"}}}
             if status >= 400:
-                entry = {"description": _STATUS_TEXT.get(status, "Error"), "content": _content(schemas.Error)}
+                entry = {"description": _STATUS_TEXT.get(status, "Error"), "content": _content(error_model)}
             responses[str(status)] = entry
+        responses.update(_SERVER_RESPONSES)
         scope = required_scope(op["path"])
         if scope is None:
             security: list[dict[str, list[str]]] = []
         else:
             security = [{"bearerAuth": [scope]}]
-            for status, entry in _auth_responses(scope).items():
+            for status, entry in _auth_responses(scope, error_model).items():
                 if status == "403" and status in responses:  # the route's own 403 too (e.g. source_not_allowed)
                     entry = {**entry, "description": entry["description"] + " Or this route's own refusal."}
                 responses[status] = entry
-            responses = dict(sorted(responses.items()))
+        responses = dict(sorted(responses.items()))
         item: dict[str, Any] = {"summary": op["summary"], "description": op["doc"], "responses": responses,
                                 "security": security}
         if op["params"]:

@@ -31,19 +31,25 @@ def json_body_and_bytes(request: Request, max_bytes: int) -> tuple[bytes, Any]:
     if not is_json(request):
         shown = request.mimetype or "none"
         raise UnsupportedMediaType(f"Content type {shown} is not accepted here; send application/json.")
-    length = request.content_length
-    if length is not None and length > max_bytes:
-        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
-                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
-    # A read of n bytes first allocates n: ask for what the header announces (plus one), not for MAX_JSON_BYTES.
-    data = request.stream.read(max_bytes + 1 if length is None else length + 1)
-    if len(data) > max_bytes:
-        raise TooLarge(f"The JSON body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
-                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
+    data = read_body(request, max_bytes)
     try:
         return data, orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise MalformedJson(f"The body is not valid JSON: {e}.") from e
+
+
+def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, whatever its content type; 413 past max_bytes (MAX_JSON_BYTES)."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise TooLarge(f"The body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
+                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
+    # A read of n bytes first allocates n: ask for what the header announces (plus one), not for MAX_JSON_BYTES.
+    data = request.stream.read(max_bytes + 1 if length is None else length + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(f"The body is larger than the {max_bytes} bytes accepted (MAX_JSON_BYTES).",
+                       details={"limit": "MAX_JSON_BYTES", "max": max_bytes})
+    return data
 
 
 def validated(model: type[BaseModel], data: Any) -> Any:

@@ -168,3 +168,94 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, Any]
+
+
+# -- MLflow scoring protocol --------------------------------------------------------------------------
+
+class MlflowError(BaseModel):
+    """MLflow's error body: its error code (BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, ...) and a message."""
+
+    error_code: str
+    message: str
+
+
+class MlflowPredictions(BaseModel):
+    predictions: list[Any] = Field(description="One prediction per input row, in input order.")
+
+
+# -- Open Inference Protocol v2 -----------------------------------------------------------------------
+
+OipDatatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                      "FP16", "FP32", "FP64", "BYTES"]
+
+
+class OipError(BaseModel):
+    error: str
+
+
+class OipLive(BaseModel):
+    live: bool
+
+
+class OipReady(BaseModel):
+    ready: bool
+
+
+class OipModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: OipDatatype
+    shape: list[int] = Field(description="-1 for the batch dimension.")
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+
+
+class OipInputTensor(BaseModel):
+    name: str = Field(description="A feature's name (one tensor per feature), or any name for one [rows, features] "
+                                  "tensor with the features in the model's order.")
+    shape: list[int]
+    datatype: OipDatatype
+    parameters: dict[str, Any] | None = None
+    data: list[Any] = Field(description="Row-major values, flat or nested as the shape.")
+
+
+class OipRequestedOutput(BaseModel):
+    name: Literal["predict", "predict_proba"]
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[OipInputTensor]
+    outputs: list[OipRequestedOutput] | None = Field(None, description="predict when left out.")
+
+
+class OipOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: OipDatatype
+    data: list[Any]
+
+
+class OipInferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OipOutputTensor]

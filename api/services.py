@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 
 import redis
 from celery import Celery
@@ -56,3 +57,11 @@ class Services:
 
 def services() -> Services:
     return current_app.extensions["predq"]
+
+
+def package_version() -> str:
+    """predq's version, as installed."""
+    try:
+        return version("predq")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"

@@ -25,6 +25,12 @@ class MalformedJson(PredqError):
     status, code = 400, "malformed_json"
 
 
+class BadRequest(PredqError):
+    """A body the MLflow or Open Inference Protocol routes refuse as a whole (400; their own error bodies)."""
+
+    status, code = 400, "bad_request"
+
+
 class InvalidParameter(PredqError):
     status, code = 400, "invalid_parameter"
 

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     MODEL_RESCAN_SECONDS: float = Field(2.0, ge=0, description="How often a process looks for new model versions.")
 
     SYNC_MAX_ROWS: int = Field(1000, ge=1)
+    DEFAULT_MODEL: str | None = Field(None, description="Model of MLflow-style /invocations that name none.")
     PREDICT_MAX_BATCH_SIZE: int = Field(64, ge=1, description="Single predictions merged into one predict call.")
     PREDICT_MAX_WAIT_MS: float = Field(2.0, ge=0, description="Longest a batch waits for requests on their way.")
     PREDICTION_CACHE_SIZE: int = Field(0, ge=0, description="Answers kept per web process; 0: no cache.")
