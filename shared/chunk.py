@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from shared import blobs
+from shared import blobs, metrics
 from shared.errors import ModelNotFound
 from shared.jobs import Job, JobStore
+from shared.logs import add_log_context
 from shared.prediction import predict, validate
 from shared.readers import CsvPiece, parse_csv_piece
 from shared.registry import ModelVersion, Registry
@@ -98,22 +100,31 @@ def failed_chunk_errors(table: pa.Table, pre_errors: list, job: Job, message: st
                          job.options.id_column, [all_ids[i] for i in order] if job.options.id_column else None)
 
 
-def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd") -> str:
-    """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it)."""
+def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd",
+               started: float | None = None) -> str:
+    """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it).
+
+    `started` is when the attempt that failed began (time.perf_counter()), for the chunk duration metric.
+    """
     job = store.get(job_id)
     blob = store.input_blob(job_id, index)
     if job is None or blob is None:
         return "gone"
+    add_log_context(model=job.model, version=job.version)
     table, pre_errors = read_input(blob, parse=False)
     errors = failed_chunk_errors(table, pre_errors, job, message)
-    return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+    started = time.perf_counter() if started is None else started
+    return _commit(store, send, job, index, started, 0, errors.num_rows, b"", blobs.encode(errors, compression))
 
 
-def _commit(store: JobStore, send: Send, job_id: str, index: int, *args) -> str:
-    """Commit a chunk, then send the chunks its commit let into the job's window."""
-    status, to_send = store.commit(job_id, index, *args)
+def _commit(store: JobStore, send: Send, job: Job, index: int, started: float, succeeded: int, failed: int,
+            result_blob: bytes, error_blob: bytes) -> str:
+    """Commit a chunk, send the chunks its commit let into the job's window, and count it if it was the first."""
+    status, to_send = store.commit(job.id, index, succeeded, failed, result_blob, error_blob)
     for next_index in to_send:
-        send(job_id, next_index)
+        send(job.id, next_index)
+    if status not in ("duplicate", "gone"):
+        metrics.record_chunk(store.r, job.model, succeeded, failed, time.perf_counter() - started)
     return status
 
 
@@ -126,6 +137,7 @@ def _fail_job(store: JobStore, job_id: str, index: int, code: str, message: str)
 def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, send: Send, *,
                   compression: str = "zstd", max_predict_calls: int = 200) -> str:
     """Run one chunk of a job end to end; returns what became of it (for logs and tests)."""
+    started = time.perf_counter()
     outcome, attempt, blob = store.claim(job_id, index)
     if outcome in ("gone", "done"):
         return outcome
@@ -134,12 +146,13 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
     job = store.get(job_id)
     if job is None:
         return "gone"
+    add_log_context(model=job.model, version=job.version)
     if outcome == "poison":
         message = f"the chunk could not be processed after {attempt - 1} attempts"
         log.error("job %s chunk %d: %s; its rows fail", job_id, index, message)
         table, pre_errors = read_input(blob, parse=False)
         errors = failed_chunk_errors(table, pre_errors, job, message)
-        return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression))
+        return _commit(store, send, job, index, started, 0, errors.num_rows, b"", blobs.encode(errors, compression))
     try:
         mv = registry.get(job.model, job.version)
     except ModelNotFound as e:
@@ -152,7 +165,7 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
     table, pre_errors = read_input(blob)
     results, errors = score_table(mv, table, pre_errors, job, max_predict_calls)
     return _commit(
-        store, send, job_id, index, results.num_rows, errors.num_rows,
+        store, send, job, index, started, results.num_rows, errors.num_rows,
         blobs.encode(results, compression) if results.num_rows else b"",
         blobs.encode(errors, compression) if errors.num_rows else b"",
     )
