@@ -25,8 +25,10 @@ def log_context(**fields: Any) -> Iterator[None]:
 
 
 def add_log_context(**fields: Any) -> None:
-    """Add fields to the enclosing `log_context` block, once they are known (the job's model, say)."""
-    _context.set({**(_context.get() or {}), **fields})
+    """Add fields to the enclosing `log_context` block once they are known (the job's model, say); none: no-op."""
+    current = _context.get()
+    if current is not None:
+        current.update(fields)  # the block's own dict: gone when the block ends
 
 
 class JsonFormatter(logging.Formatter):
