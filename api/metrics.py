@@ -26,6 +26,8 @@ from shared.workers import worker_states
 #: upload of a large job minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UNMATCHED = "unmatched"  # the route label of a request that matched no route (404, 405)
+# Any token is a method to HTTP: others are labelled "other", so that clients cannot add series without end.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestMetrics:
@@ -83,10 +85,10 @@ def _start() -> None:
 def _observe(response: Response) -> Response:
     started = g.get("predq_started")
     if started is not None:
-        rule = request.url_rule
+        rule, method = request.url_rule, request.method
         current_app.extensions["predq.metrics"].observe_request(
-            rule.rule if rule is not None else UNMATCHED, request.method, response.status_code,
-            time.perf_counter() - started)
+            rule.rule if rule is not None else UNMATCHED, method if method in _METHODS else "other",
+            response.status_code, time.perf_counter() - started)
     return response
 
 

@@ -111,6 +111,8 @@ def test_request_latency_is_labelled_by_route_method_and_status(app):
     assert client.post("/v1/models/nope/predict", json=FEATURES).status_code == 404
     assert client.get("/no/such/route").status_code == 404
     assert client.delete("/v1/models").status_code == 405
+    for n in range(3):  # made-up methods share one label value
+        assert client.open("/v1/models", method=f"BREW{n}").status_code == 405
     families = scrape(client)
     count = "predq_http_request_duration_seconds_count"
     route = "/v1/models/<name>/predict"
@@ -119,6 +121,7 @@ def test_request_latency_is_labelled_by_route_method_and_status(app):
     assert value(families, count, route=route, method="POST", status="404") == 1
     assert value(families, count, route="unmatched", method="GET", status="404") == 1
     assert value(families, count, route="unmatched", method="DELETE", status="405") == 1
+    assert value(families, count, route="unmatched", method="other", status="405") == 3
     buckets = [s for s in families["predq_http_request_duration_seconds"].samples
                if s.name.endswith("_bucket") and s.labels.get("route") == route and s.labels["status"] == "200"
                and s.labels["method"] == "POST"]
