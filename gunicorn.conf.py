@@ -97,5 +97,6 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    """Remove the metrics directory made for this run."""
     for path in _made_metrics_dir:
         shutil.rmtree(path, ignore_errors=True)

@@ -6,6 +6,7 @@ all. Without it (the Flask test client, `flask run`) each app counts in its own 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,8 @@ from shared import keys
 from shared import metrics as pushed
 from shared.workers import worker_states
 
+log = logging.getLogger(__name__)
+
 #: Upper bounds (seconds) of the request latency histogram: single predictions take about a millisecond, an
 #: upload of a large job minutes.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -37,6 +40,9 @@ class RequestMetrics:
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         # prometheus_client chose where values live when it was imported: follow its choice.
         self.multiprocess_dir = shared_dir if getattr(values.ValueClass, "_multiprocess", False) else None
+        if shared_dir and not self.multiprocess_dir:
+            log.warning("PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported (gunicorn --preload?): "
+                        "each web process serves only its own request metrics")
         self._registry = None if self.multiprocess_dir else CollectorRegistry(auto_describe=False)
         self._latency = Histogram(
             "predq_http_request_duration_seconds",
