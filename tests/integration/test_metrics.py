@@ -36,6 +36,18 @@ def sample(samples: dict[tuple, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def json_lines(log: str) -> list[dict]:
+    """The JSON lines of a log (Celery's banner is not JSON; the last line may be half written)."""
+    found = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+    return found
+
+
 def planted_rows(n: int) -> tuple[list[dict], set[int]]:
     """n rows for the `fussy` model; the returned positions fail: a text value, a missing feature, the SENTINEL."""
     rows = training_frame(n, seed=5).to_dict(orient="records")
@@ -65,6 +77,18 @@ def test_a_job_is_counted_exactly(clean_redis, api_server, worker):
     assert job["status"] == "partially_succeeded"
     assert job["counts"] == {"total": 250, "succeeded": 250 - len(bad), "failed": len(bad), "skipped": 0}
 
+    # The worker logs a chunk's line after counting it (and the job's end): once the five lines are there, so are
+    # the counts. Each line is JSON and names the job, the chunk, the model and its version.
+    def committed_lines() -> list[dict]:
+        found = [e for e in json_lines(worker.log()) if e.get("job_id") == job["id"]
+                 and e["message"] == "chunk committed"]
+        return found if len(found) == 5 else []
+
+    committed = wait_for(committed_lines, timeout=60, what="the worker to log the job's five chunks")
+    assert sorted(e["chunk"] for e in committed) == [0, 1, 2, 3, 4]
+    for entry in committed:
+        assert (entry["model"], entry["version"], entry["level"]) == ("fussy", "v1", "info"), entry
+
     after = scrape(api_server.url)
     counts = job["counts"]
     assert sample(after, "predq_rows_processed_total", model="fussy") == counts["succeeded"] + counts["failed"]
@@ -84,13 +108,6 @@ def test_a_job_is_counted_exactly(clean_redis, api_server, worker):
     polled = dict(name="predq_http_request_duration_seconds_count", route="/v1/jobs/<job_id>", method="GET",
                   status="200")
     assert sample(after, **polled) > sample(before, **polled)
-
-    # The worker's lines about this job's chunks are JSON and name the job, the chunk, the model and its version.
-    lines = [orjson.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
-    committed = [e for e in lines if e.get("job_id") == job["id"] and e["message"] == "chunk committed"]
-    assert sorted(e["chunk"] for e in committed) == [0, 1, 2, 3, 4]
-    for entry in committed:
-        assert (entry["model"], entry["version"], entry["level"]) == ("fussy", "v1", "info"), entry
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +202,8 @@ def test_a_worker_sends_task_events(api_server, worker, redis_url):
             (received,) = wait_for(lambda: chunk_task("task-received"), timeout=60, what="task-received")
             wait_for(lambda: [e for e in list(seen) if e["type"] == "task-succeeded"
                               and e["uuid"] == received["uuid"]], timeout=60, what="task-succeeded of the chunk")
-            assert [e["uuid"] for e in chunk_task("task-sent")] == [received["uuid"]]
+            (sent,) = wait_for(lambda: chunk_task("task-sent"), timeout=60, what="task-sent, from the API")
+            assert sent["uuid"] == received["uuid"]
             assert received["hostname"].startswith(worker.name)
         finally:
             receiver.should_stop = True
