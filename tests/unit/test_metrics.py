@@ -278,3 +278,15 @@ def test_chunk_lines_logged_while_processing_carry_model_and_version(models_dir)
     (line,) = _json_lines(run)
     assert line["level"] == "error" and "could not be processed" in line["message"]
     assert (line["job_id"], line["chunk"], line["model"], line["version"]) == (job_id, 0, "fussy", "v1")
+
+
+def test_request_error_lines_name_the_route_and_the_job(app, caplog):
+    """The API's line about a request that failed on Redis names the method, the route, the path and the job id."""
+    nobody = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    app.extensions["predq"] = dataclasses.replace(app.extensions["predq"], redis=nobody,
+                                                  store=JobStore(nobody, result_ttl=3600))
+    assert app.test_client().get("/v1/jobs/job_abc").status_code == 503
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("Redis unavailable")]
+    line = orjson.loads(JsonFormatter().format(record))
+    assert {k: line[k] for k in ("method", "route", "path", "job_id")} == {
+        "method": "GET", "route": "/v1/jobs/<job_id>", "path": "/v1/jobs/job_abc", "job_id": "job_abc"}
