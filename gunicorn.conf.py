@@ -6,11 +6,18 @@
   4094 bytes by default; more than `limit_request_fields` header fields, 100, or one over
   `limit_request_field_size`, 8190 bytes; a request that is not HTTP), get the contract's JSON error body instead
   of gunicorn's HTML page.
+* Its worker processes share one PROMETHEUS_MULTIPROC_DIR, so that /metrics on any of them counts the requests of
+  all: a fresh temporary directory when the variable is unset, else the directory it names, emptied at start
+  (counts left from an earlier run would be added to this one's).
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import re
+import shutil
+import tempfile
 
 import orjson
 from gunicorn import util
@@ -61,3 +68,35 @@ def on_starting(server):
         server.log.error("auth: %s", e)
         raise RuntimeError(f"predq: {e}") from None  # gunicorn prints it too, and exits with status 1
     server.log.info(line)
+    _share_metrics(server)
+
+
+_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_made_metrics_dir: list[str] = []
+
+
+def _share_metrics(server) -> None:
+    """Before any worker is forked (and imports prometheus_client), point all of them at one metrics directory."""
+    path = os.environ.get(_METRICS_DIR)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for leftover in glob.glob(os.path.join(path, "*.db")):
+            os.remove(leftover)
+    else:
+        path = tempfile.mkdtemp(prefix="predq-metrics-")
+        _made_metrics_dir.append(path)
+        os.environ[_METRICS_DIR] = path
+    server.log.info("metrics: web processes count into %s", path)
+
+
+def child_exit(server, worker):
+    """A worker that exits leaves its counts (they still add up), but not its live gauges."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory made for this run."""
+    for path in _made_metrics_dir:
+        shutil.rmtree(path, ignore_errors=True)

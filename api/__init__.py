@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app; settings come from the environment, overridden by `config`."""
-    from api import auth, errors, health, jobs, mlflow, models, oip, openapi, schedules, web
+    from api import auth, errors, health, jobs, metrics, mlflow, models, oip, openapi, schedules, web
     from api.parsing import refuse_encoded_bodies
     from api.services import Services
 
@@ -28,6 +28,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     auth.init_app(app, settings)  # first: a bad key file stops the process before anything else is loaded
+    metrics.init_app(app)  # its timer goes before every other before_request, auth's too
     svc = Services.build(settings)
     app.extensions["predq"] = svc
     loaded = svc.registry.load_all()

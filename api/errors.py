@@ -66,6 +66,18 @@ def error_response(status: int, code: str, message: str, details: dict | None = 
     return response
 
 
+def _request_fields() -> dict:
+    """What a log line about a failed request says about it: method, route, path, and the job or model it named."""
+    rule = request.url_rule
+    fields = {"method": request.method, "route": rule.rule if rule is not None else None, "path": request.path}
+    args = request.view_args or {}
+    if "job_id" in args:
+        fields["job_id"] = args["job_id"]
+    if "name" in args and rule is not None and "/models/<name>" in rule.rule:
+        fields["model"] = args["name"]
+    return fields
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(PredqError)
     def _predq(e: PredqError) -> Response:
@@ -89,17 +101,17 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(redis.OutOfMemoryError)
     def _store_full(e: redis.OutOfMemoryError) -> Response:
-        log.error("Redis refused a write: out of memory")
+        log.error("Redis refused a write: out of memory", extra=_request_fields())
         return error_response(503, "store_full", "The job store is full; retry later.", headers={"Retry-After": "30"})
 
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
     def _store_down(e: redis.RedisError) -> Response:
-        log.error("Redis unavailable: %s", type(e).__name__)
+        log.error("Redis unavailable: %s", type(e).__name__, extra=_request_fields())
         return error_response(503, "not_ready", "The job store is not reachable; retry shortly.",
                               headers={"Retry-After": "5"})
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, request.path, extra=_request_fields())
         return error_response(500, "internal_error", "The service failed to handle this request; it has been logged.")

@@ -244,7 +244,7 @@ def create_job() -> Response:
     if claim is not None and claim.acquired:
         svc.idempotency.complete(claim, fingerprint, job.id)
     if created:
-        log.info("job created", extra={"job_id": job.id, "model": job.model, "model_version": job.version,
+        log.info("job created", extra={"job_id": job.id, "model": job.model, "version": job.version,
                                        "rows": job.total})
     return json_response(job.to_public(), 202 if created else 200, {"Location": f"/v1/jobs/{job.id}"})
 

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, request
 from flask.blueprints import BlueprintSetupState
 
 from api import schemas
+from api.metrics import count_predictions
 from api.openapi import operation, path, query
 from api.parsing import json_body, parse_bool
 from api.responses import json_response
@@ -121,6 +122,7 @@ def _one(mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> tupl
 
 
 def _answer(mv: ModelVersion, prediction: Any, probas: dict | None) -> Response:
+    count_predictions(mv.name, mv.version, 1)
     body: dict[str, Any] = {"model": {"name": mv.name, "version": mv.version}, "prediction": prediction}
     if probas is not None:
         body["probabilities"] = probas
@@ -216,6 +218,7 @@ def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:
                for i, r in enumerate(rows) if not isinstance(r, dict)]
     errors.sort(key=lambda e: e["row"])
     predictions, probas = _scored_rows(mv, scored, len(rows), probabilities and mv.task == "classification")
+    count_predictions(mv.name, mv.version, len(scored.positions))
     body: dict[str, Any] = {"model": {"name": mv.name, "version": mv.version}, "predictions": predictions}
     if probas is not None:
         body["probabilities"] = probas

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 
 import numpy as np
 import pyarrow as pa
 
-from shared import blobs
+from shared import blobs, metrics
 from shared.errors import ModelNotFound
 from shared.jobs import Job, JobStore
+from shared.logs import add_log_context
 from shared.prediction import predict, validate
 from shared.readers import CsvPiece, parse_csv_piece
 from shared.registry import ModelVersion, Registry
@@ -102,23 +104,31 @@ def failed_chunk_errors(table: pa.Table, pre_errors: list, job: Job, message: st
 
 
 def fail_chunk(store: JobStore, job_id: str, index: int, message: str, send: Send, compression: str = "zstd",
-               worker: str = "") -> str:
-    """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it)."""
+               worker: str = "", started: float | None = None) -> str:
+    """Commit every row of a chunk as chunk_failed (after an unexpected error in processing it).
+
+    `started` is when the attempt that failed began (time.perf_counter()), for the chunk duration metric.
+    """
     job = store.get(job_id)
     blob = store.input_blob(job_id, index)
     if job is None or blob is None:
         return "gone"
+    add_log_context(model=job.model, version=job.version)
     table, pre_errors = read_input(blob, parse=False)
     errors = failed_chunk_errors(table, pre_errors, job, message)
-    return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression),
+    started = time.perf_counter() if started is None else started
+    return _commit(store, send, job, index, started, 0, errors.num_rows, b"", blobs.encode(errors, compression),
                    worker=worker)
 
 
-def _commit(store: JobStore, send: Send, job_id: str, index: int, *args, worker: str) -> str:
-    """Commit a chunk, then send the chunks its commit let into the job's window."""
-    status, to_send = store.commit(job_id, index, *args, worker=worker)
+def _commit(store: JobStore, send: Send, job: Job, index: int, started: float, succeeded: int, failed: int,
+            result_blob: bytes, error_blob: bytes, *, worker: str) -> str:
+    """Commit a chunk, send the chunks its commit let into the job's window, and count it if it was the first."""
+    status, to_send = store.commit(job.id, index, succeeded, failed, result_blob, error_blob, worker=worker)
     for next_index in to_send:
-        send(job_id, next_index)
+        send(job.id, next_index)
+    if status not in ("duplicate", "gone"):
+        metrics.record_chunk(store.r, job.model, succeeded, failed, time.perf_counter() - started, worker)
     return status
 
 
@@ -142,7 +152,7 @@ def _refuse(store: JobStore, job: Job, index: int, found: str, worker: str, send
         return store.skip(job.id, index)
     if outcome in ("gone", "done"):
         return outcome
-    context = {"job_id": job.id, "chunk": index, "worker": worker, "model": job.model, "model_version": job.version,
+    context = {"job_id": job.id, "chunk": index, "worker": worker, "model": job.model, "version": job.version,
                "worker_sha256": found or None, "job_sha256": job.sha256, "refusals": refusals}
     if outcome == "exhausted":
         copies = ", ".join(f"{name} has {_short(sha)}" for name, sha in sorted(store.refusers(job.id).items()))
@@ -170,9 +180,11 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
     job pinned (its sha256) refuses the chunk before claiming it, so that refusals never count as attempts, and puts
     it back with `reroute` (or `send`, to the shared queue) for a worker that has the right copy.
     """
+    started = time.perf_counter()
     job = store.get(job_id)
     if job is None:
         return "gone"
+    add_log_context(model=job.model, version=job.version)
     mv = _model_copy(registry, job)
     if mv is None or mv.sha256 != job.sha256:
         return _refuse(store, job, index, mv.sha256 if mv else "", worker, send, reroute)
@@ -186,12 +198,12 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
         log.error("job %s chunk %d: %s; its rows fail", job_id, index, message)
         table, pre_errors = read_input(blob, parse=False)
         errors = failed_chunk_errors(table, pre_errors, job, message)
-        return _commit(store, send, job_id, index, 0, errors.num_rows, b"", blobs.encode(errors, compression),
+        return _commit(store, send, job, index, started, 0, errors.num_rows, b"", blobs.encode(errors, compression),
                        worker=worker)
     table, pre_errors = read_input(blob)
     results, errors = score_table(mv, table, pre_errors, job, max_predict_calls)
     return _commit(
-        store, send, job_id, index, results.num_rows, errors.num_rows,
+        store, send, job, index, started, results.num_rows, errors.num_rows,
         blobs.encode(results, compression) if results.num_rows else b"",
         blobs.encode(errors, compression) if errors.num_rows else b"",
         worker=worker,

@@ -36,7 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
-        task_send_sent_event=False,
+        task_send_sent_event=True,  # with worker_send_task_events: what Flower and `celery events` show
         beat_scheduler="worker.scheduler:Scheduler",
         redbeat_redis_url=settings.REDIS_URL,
         redbeat_key_prefix="predq:beat:",

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from shared import keys, lua
+from shared import keys, lua, metrics
 
 
 class Status(StrEnum):
@@ -234,7 +234,8 @@ class JobStore:
         return [int(i) for i in self._feed(self._keys(job_id), [time.time()])]
 
     def finish_ingest(self, job_id: str, total: int, chunks_total: int) -> str:
-        return self._decode(self._finish_ingest(self._keys(job_id), [total, chunks_total, time.time(), self.result_ttl]))
+        return self._counted(job_id, self._decode(
+            self._finish_ingest(self._keys(job_id), [total, chunks_total, time.time(), self.result_ttl])))
 
     def discard(self, job_id: str) -> None:
         """Remove every trace of a job (a request that failed before its 202, or DELETE)."""
@@ -256,17 +257,14 @@ class JobStore:
                error_blob: bytes, worker: str = "") -> tuple[str, list[int]]:
         """Commit a processed chunk once: ('duplicate', []) when it already was, else (the job's state, chunks to send).
 
-        `worker` (the committing worker's name) is recorded with the chunk, and counted in the workers' totals.
+        `worker` (the committing worker's name) is recorded with the chunk.
         """
         status, sends = self._with_sends(self._commit(
             self._keys(job_id),
             [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after,
              worker],
         ))
-        if worker and status not in ("duplicate", "gone"):
-            # Outside the script: a counter across all jobs, whose key lies outside the job's hash slot.
-            self.r.hincrby(keys.WORKER_COMMITS, worker, 1)
-        return status, sends
+        return self._counted(job_id, status), sends
 
     def refuse(self, job_id: str, index: int, worker: str, worker_sha256: str) -> tuple[str, int]:
         """Hand a chunk back unclaimed (this worker's model copy differs): ('refused' or 'exhausted', refusals so far)
@@ -290,20 +288,23 @@ class JobStore:
         """The worker that committed each committed chunk (chunk index -> worker name)."""
         return {int(k): v.decode() for k, v in self.r.hgetall(keys.committers(job_id)).items()}
 
-    def worker_commits(self) -> dict[str, int]:
-        """Chunks each worker has committed, every job together (the worker metric's source)."""
-        return {k.decode(): int(v) for k, v in self.r.hgetall(keys.WORKER_COMMITS).items()}
-
     def skip(self, job_id: str, index: int) -> str:
-        return self._decode(self._skip(self._keys(job_id), [index, time.time(), self.result_ttl])[0])
+        reply = self._skip(self._keys(job_id), [index, time.time(), self.result_ttl])
+        return self._counted(job_id, self._decode(reply[0]))
 
     def _with_sends(self, reply: list) -> tuple[str, list[int]]:
         return self._decode(reply[0]), [int(i) for i in reply[1:]]
 
     def stop(self, job_id: str, how: str, error_code: str = "", error_message: str = "") -> str:
         """Cancel ('cancel') or fail ('fail') a job: idle chunks are skipped now, running ones may finish."""
-        return self._decode(self._stop(
-            self._keys(job_id), [how, time.time(), self.result_ttl, self.stale_after, error_code, error_message]))
+        return self._counted(job_id, self._decode(self._stop(
+            self._keys(job_id), [how, time.time(), self.result_ttl, self.stale_after, error_code, error_message])))
+
+    def _counted(self, job_id: str, status: str) -> str:
+        """Count a job's terminal status in the metrics, once, where a script that may have ended it returns."""
+        if status in TERMINAL:
+            metrics.record_job_finished(self.r, job_id)
+        return status
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -388,6 +389,33 @@ class JobStore:
             if now - last > stale_after:
                 stale.append(int(raw))
         return sorted(stale)
+
+    def active_overview(self) -> tuple[dict[str, int], float | None]:
+        """Active jobs by status, and when the oldest chunk message still waiting in the broker was sent.
+
+        A chunk waits from its last send until a worker claims it (a claim older than the send is a lost
+        message the reconciler sent again). One round trip for all active jobs.
+        """
+        ids = self.active_ids()
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.hget(keys.job(job_id), "status")
+                p.hgetall(keys.sent(job_id))
+                p.hgetall(keys.running(job_id))
+                p.smembers(keys.done(job_id))
+            replies = p.execute()
+        by_status: dict[str, int] = {}
+        oldest: float | None = None
+        for k in range(0, len(replies), 4):
+            status, sent, running, done = replies[k:k + 4]
+            if status is None or Status(status.decode()).terminal:
+                continue
+            by_status[status.decode()] = by_status.get(status.decode(), 0) + 1
+            for idx, at in sent.items():
+                at = float(at)
+                if idx not in done and float(running.get(idx, 0)) < at and (oldest is None or at < oldest):
+                    oldest = at
+        return by_status, oldest
 
     def input_blob(self, job_id: str, index: int) -> bytes | None:
         return self.r.hget(keys.inputs(job_id), index)

@@ -10,7 +10,7 @@ JOBS = f"{PREFIX}:jobs"                  # sorted set, all scores 0, members are
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"    # set of ids of jobs not yet terminal
 WORKERS = f"{PREFIX}:workers"            # hash: worker name -> last heartbeat of its main process (epoch seconds)
 WORKER_CANARIES = f"{PREFIX}:workers:canary"  # hash: worker name -> when a canary task last ran on it
-WORKER_COMMITS = f"{PREFIX}:workers:commits"   # hash: worker name -> chunks it has committed, all jobs together
+METRICS = f"{PREFIX}:metrics"            # hash: counters the workers push for /metrics (see shared/metrics.py)
 
 
 def idempotency(key: str) -> str:

@@ -3,10 +3,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import orjson
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_context: ContextVar[dict[str, Any] | None] = ContextVar("predq_log_context", default=None)
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add these fields to every line logged inside the block (by this thread), e.g. the job id and chunk."""
+    token = _context.set({**(_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def add_log_context(**fields: Any) -> None:
+    """Add fields to the enclosing `log_context` block once they are known (the job's model, say); none: no-op."""
+    current = _context.get()
+    if current is not None:
+        current.update(fields)  # the block's own dict: gone when the block ends
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +39,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        entry.update(_context.get() or {})
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

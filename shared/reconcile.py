@@ -27,7 +27,8 @@ def reconcile(store: JobStore, send: Callable[[str, int], None], *, stale_after:
             did["abandoned"] += 1
             continue
         for index in store.stale_chunks(job_id, now, stale_after):
-            log.warning("re-sending a stale chunk", extra={"job_id": job_id, "chunk": index})
+            log.warning("re-sending a stale chunk", extra={"job_id": job_id, "chunk": index, "model": job.model,
+                                                           "version": job.version})
             store.mark_sent(job_id, index)
             send(job_id, index)
             did["resent"] += 1

@@ -30,6 +30,7 @@ from shared.durability import Durability
 from shared.ingest import chunk_rows_for
 from shared.ingest import read_source as run_read_source
 from shared.jobs import TERMINAL, JobStore
+from shared.logs import log_context
 from shared.memory import return_big_buffers
 from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
@@ -161,6 +162,11 @@ def canary(name: str) -> None:
           max_retries=get_settings().MAX_CHUNK_ATTEMPTS + 2)
 def process_chunk(job_id: str, index: int) -> None:
     """Process one chunk of a job; duplicates and chunks of gone jobs are dropped by the store."""
+    with log_context(job_id=job_id, chunk=index):  # on every line about the chunk; model and version join later
+        _process_chunk(job_id, index)
+
+
+def _process_chunk(job_id: str, index: int) -> None:
     s = get_settings()
     started = time.perf_counter()
     worker = process_chunk.request.hostname or ""
@@ -172,7 +178,7 @@ def process_chunk(job_id: str, index: int) -> None:
     except Exception as e:  # noqa: BLE001 - a bug must fail this chunk's rows, not leave the job running forever
         log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
-                             _send, s.CHUNK_COMPRESSION, worker=worker)
+                             _send, s.CHUNK_COMPRESSION, worker=worker, started=started)
     if outcome in TERMINAL:
         _finished(job_id)
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,

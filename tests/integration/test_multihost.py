@@ -15,6 +15,7 @@ import orjson
 import pandas as pd
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -176,10 +177,11 @@ def test_a_job_runs_on_workers_of_two_hosts(cluster, workers, frame, csv_body):
     assert "workers" not in team_view
 
     metrics = requests.get(f"{cluster.api.url}/metrics", headers=cluster.headers("admin"), timeout=10).text
+    committed = {sample.labels["worker"]: sample.value
+                 for family in text_string_to_metric_families(metrics) for sample in family.samples
+                 if sample.name == "predq_chunks_committed_total"}
     for name in names.values():
-        line = next(line for line in metrics.splitlines()
-                    if line.startswith(f'predq_chunks_committed_total{{worker="{name}"}}'))
-        assert float(line.split()[-1]) >= by_worker[name]
+        assert committed[name] >= by_worker[name]
 
 
 def test_a_worker_host_cut_off_mid_job_leaves_the_job_to_the_other(cluster, workers, frame, csv_body):

@@ -40,7 +40,7 @@ def test_a_worker_that_stops_consuming_is_reported(private_redis, models_dir, tm
         (state,) = ready.json["checks"]["workers"]["workers"]
         assert state["status"] == "consuming" and state["name"] == f"{worker.name}@{os.uname().nodename}"
         assert _workers_cli(private_redis.url, models_dir).returncode == 0
-        assert f'predq_worker_consuming{{worker="{state["name"]}"}} 1' in client.get("/metrics").data.decode()
+        assert f'predq_worker_consuming{{worker="{state["name"]}"}} 1.0' in client.get("/metrics").data.decode()
 
         children = worker.child_pids()
         for pid in children:
@@ -54,7 +54,7 @@ def test_a_worker_that_stops_consuming_is_reported(private_redis, models_dir, tm
             report = _workers_cli(private_redis.url, models_dir)
             assert report.returncode == 1 and "stalled" in report.stdout
             metrics = client.get("/metrics").data.decode()
-            assert f'predq_worker_consuming{{worker="{state["name"]}"}} 0' in metrics
+            assert f'predq_worker_consuming{{worker="{state["name"]}"}} 0.0' in metrics
         finally:
             for pid in children:
                 os.kill(pid, signal.SIGCONT)

@@ -375,7 +375,8 @@ def test_metrics_expose_the_batch_size_histogram(make_app):
         hold_one_then_queue(app, pool, rows)
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert "# TYPE predq_predict_batch_size histogram" in text
-    buckets = dict(re.findall(r'^predq_predict_batch_size_bucket\{le="([^"]+)"\} (\d+)$', text, flags=re.M))
-    assert (buckets["1"], buckets["8"], buckets["16"], buckets["+Inf"]) == ("1", "1", "2", "2")
+    buckets = {le: float(n) for le, n in re.findall(r'^predq_predict_batch_size_bucket\{le="([^"]+)"\} (\S+)$',
+                                                     text, flags=re.M)}
+    assert (buckets["1"], buckets["8"], buckets["16"], buckets["+Inf"]) == (1, 1, 2, 2)
     assert metric(app, "predq_predict_batch_size_sum") == 16
     assert metric(app, "predq_predict_batch_size_count") == 2
