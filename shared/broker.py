@@ -6,11 +6,12 @@ window of chunks in flight, the reconciler and cancel all count from there, what
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from celery import Celery
-from kombu import Exchange, Queue
-from kombu.exceptions import OperationalError
+if TYPE_CHECKING:  # settings import this module: kombu and celery load only where a broker is used
+    from celery import Celery
+    from kombu import Queue
 
 REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
@@ -45,12 +46,16 @@ def transport_options(url: str, *, visibility_timeout: float, unacked_restore_in
 
 def own_queue(name: str) -> Queue:
     """A worker's own queue (its canaries), which goes away an hour after it was last used."""
+    from kombu import Exchange, Queue
+
     return Queue(name, Exchange(name), routing_key=name, expires=OWN_QUEUE_EXPIRES)
 
 
 def queue_length(app: Celery, name: str) -> float:
     """Messages waiting in the queue `name` of the app's broker; 0 if it was never declared; NaN if the broker
     does not answer (Prometheus reads NaN as unknown, where 0 would tell an autoscaler to scale in)."""
+    from kombu.exceptions import OperationalError
+
     with app.connection_for_read() as conn:
         try:
             conn.ensure_connection(max_retries=0)  # one try: a scrape that waits helps no one, the next one asks again
