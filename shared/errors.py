@@ -129,3 +129,9 @@ class InternalError(PredqError):
 
 class NotReady(PredqError):
     status, code = 503, "not_ready"
+
+
+class ChunkStoreUnavailable(PredqError):
+    """The object store named by CHUNK_STORE_URL failed (unreachable, refused, missing bucket): worth a retry."""
+
+    status, code = 503, "chunk_store_unavailable"
