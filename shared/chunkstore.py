@@ -123,15 +123,15 @@ class FsspecBlobs:
         return out
 
     def delete(self, refs: Iterable[bytes]) -> None:
-        paths = [self._path(r.decode()) for r in refs if r]
-        if not paths:
-            return
-        try:
-            self.fs.rm(paths)
-        except FileNotFoundError:
-            pass
-        except Exception as e:  # noqa: BLE001
-            raise self._unavailable("deleting blobs", e) from e
+        for ref in refs:
+            if not ref:
+                continue
+            try:
+                self.fs.rm_file(self._path(ref.decode()))  # one request; rm() would look each path up first
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                raise self._unavailable(f"deleting {ref.decode()}", e) from e
 
     def delete_job(self, job_id: str, kind: str | None = None) -> None:
         path = self._path(job_id if kind is None else f"{job_id}/{kind}")

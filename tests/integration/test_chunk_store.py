@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 
 import fsspec
@@ -14,34 +13,11 @@ from shared.chunkstore import FsspecBlobs
 from shared.jobs import JobStore
 from shared.registry import Registry
 from tests.support import data
-from tests.support.processes import ApiServer, CeleryWorker, RedisServer, _ManagedProcess, free_port, wait_for
+from tests.support.processes import ApiServer, CeleryWorker, MotoServer, RedisServer, _ManagedProcess, wait_for
 
 N_ROWS = 6000
 CHUNK_SIZE = 1500
 TERMINAL = {"succeeded", "partially_succeeded", "failed", "cancelled"}
-
-
-class MotoServer(_ManagedProcess):
-    """moto's S3-compatible server on a free loopback port."""
-
-    kind = "moto-server"
-
-    def __init__(self, log_dir: str):
-        super().__init__(log_dir, "moto.log")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MotoServer:
-        binary = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self._launch([binary, "-H", "127.0.0.1", "-p", str(self.port)], env=None, cwd=None)
-        self._wait_ready(self._answers, timeout=60, what=f"moto server on {self.url}")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return requests.get(self.url, timeout=2).status_code < 500
-        except requests.RequestException:
-            return False
 
 
 @pytest.fixture(scope="module", params=["file", "s3"])
