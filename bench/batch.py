@@ -483,7 +483,7 @@ class CountingProxy(threading.Thread):
             upstream.close()
 
 
-_S3_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)?(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[0-9.]+(?:\x1b\[0m)?" (\d+)')
+_S3_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[0-9.]+(?:\x1b\[0m)?" (\d+)')
 
 
 def s3_requests(moto_log: str, offset: int) -> dict[str, int]:
