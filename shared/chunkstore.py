@@ -70,10 +70,17 @@ class FsspecBlobs:
 
     def __init__(self, url: str):
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        fs, root = fsspec.core.url_to_fs(url)
+        self._fs, self._pid = fs, os.getpid()
         self.root = root.rstrip("/")
-        protocol = self.fs.protocol
-        self.local = "file" in ((protocol,) if isinstance(protocol, str) else protocol)
+        self.local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # A client made before a fork (a preloaded web app, a worker's pool) must not be used after it.
+        if self._pid != os.getpid():
+            self._fs, self._pid = fsspec.core.url_to_fs(self.url)[0], os.getpid()
+        return self._fs
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
