@@ -819,6 +819,9 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"{traffic['in'] * per_m / MiB:,.1f} |")
     print(f"| bytes out of Redis (MiB) | {traffic['out'] / MiB:,.1f} | {traffic['out'] / chunks / MiB:,.2f} | "
           f"{traffic['out'] * per_m / MiB:,.1f} |")
+    print(f"| bytes into / out of Redis (KiB) | {traffic['in'] / 1024:,.0f} / {traffic['out'] / 1024:,.0f} | "
+          f"{traffic['in'] / chunks / 1024:,.1f} / {traffic['out'] / chunks / 1024:,.1f} | "
+          f"{traffic['in'] * per_m / 1024:,.0f} / {traffic['out'] * per_m / 1024:,.0f} |")
     print(f"| stored results (MiB) | {svc['results_bytes'] / MiB:,.1f} | {svc['results_bytes'] / chunks / MiB:,.2f} | "
           f"{svc['results_bytes'] * per_m / MiB:,.1f} |")
     print(f"| Redis memory of the job's keys after it (MEMORY USAGE, KiB) | {svc['job_key_memory'] / 1024:,.1f} | "
