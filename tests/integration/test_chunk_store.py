@@ -135,6 +135,26 @@ def test_a_job_keeps_its_blobs_in_the_store_and_only_names_in_redis(stack, model
     client.close()
 
 
+def test_the_reconciler_sweeps_blobs_of_expired_jobs(stack, models_dir):
+    """Once a job's Redis keys expire, the worker's reconcile task removes its objects; other jobs keep theirs."""
+    from shared import keys
+    from shared.dispatch import RECONCILE, make_celery
+    from shared.settings import load_settings
+
+    expired, kept = (_submit(stack, data.planted_csv(500)) for _ in range(2))
+    for job_id in (expired, kept):
+        _wait(stack, job_id)
+    assert _objects(stack, expired) and _objects(stack, kept)
+    client = stack["redis"].client()
+    client.delete(*keys.all_job_keys(expired))  # what RESULT_TTL does
+    celery = make_celery(load_settings({"REDIS_URL": stack["redis"].url}))
+    celery.send_task(RECONCILE)
+    wait_for(lambda: _objects(stack, expired) == [], timeout=60, what="the expired job's objects to be swept")
+    assert _objects(stack, kept)
+    assert len(_jsonl(stack, kept, "results")) == 500 - len(data.planted_csv(500).errors)
+    client.close()
+
+
 def test_an_unwritable_store_fails_the_upload_with_503(stack, models_dir, tmp_path):
     """A store that cannot be written: 503 chunk_store_unavailable naming it, and no job left behind."""
     from api import create_app
@@ -145,6 +165,8 @@ def test_an_unwritable_store_fails_the_upload_with_503(stack, models_dir, tmp_pa
         (tmp_path / "a-file").write_text("not a directory")
         broken = f"file://{tmp_path / 'a-file' / 'chunks'}"
     app = create_app({"REDIS_URL": stack["redis"].url, "MODELS_DIR": models_dir, "CHUNK_STORE_URL": broken})
+    client = stack["redis"].client()
+    jobs_before = client.zrange("predq:jobs", 0, -1)
     planted = data.planted_csv(500)
     body, content_type = data.multipart({"model": "fussy"}, planted.filename, planted.body)
     response = app.test_client().post("/v1/jobs", data=body, content_type=content_type)
@@ -152,6 +174,5 @@ def test_an_unwritable_store_fails_the_upload_with_503(stack, models_dir, tmp_pa
     error = response.json["error"]
     assert error["code"] == "chunk_store_unavailable"
     assert broken in error["message"]
-    client = stack["redis"].client()
-    assert not [k for k in client.keys("predq:job:*")], "the refused upload left a job behind"
+    assert client.zrange("predq:jobs", 0, -1) == jobs_before, "the refused upload left a job behind"
     client.close()
