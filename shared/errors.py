@@ -135,3 +135,7 @@ class ChunkStoreUnavailable(PredqError):
     """The object store named by CHUNK_STORE_URL failed (unreachable, refused, missing bucket): worth a retry."""
 
     status, code = 503, "chunk_store_unavailable"
+
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("headers", {"Retry-After": "30"})
+        super().__init__(message, **kwargs)

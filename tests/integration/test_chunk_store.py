@@ -171,6 +171,7 @@ def test_an_unwritable_store_fails_the_upload_with_503(stack, models_dir, tmp_pa
     body, content_type = data.multipart({"model": "fussy"}, planted.filename, planted.body)
     response = app.test_client().post("/v1/jobs", data=body, content_type=content_type)
     assert response.status_code == 503, response.json
+    assert int(response.headers["Retry-After"]) > 0
     error = response.json["error"]
     assert error["code"] == "chunk_store_unavailable"
     assert broken in error["message"]
