@@ -177,3 +177,50 @@ def test_an_unwritable_store_fails_the_upload_with_503(stack, models_dir, tmp_pa
     assert broken in error["message"]
     assert client.zrange("predq:jobs", 0, -1) == jobs_before, "the refused upload left a job behind"
     client.close()
+
+
+def test_a_worker_whose_store_fails_retries_without_using_up_attempts(models_dir, tmp_path_factory):
+    """A worker that cannot read the store retries the chunk; the chunk's attempts are given back, so once a worker
+    that reaches the store takes over, every row succeeds (none becomes chunk_failed)."""
+    from api import create_app
+    from shared import keys
+
+    good = f"file://{tmp_path_factory.mktemp('chunks-good')}"
+    wrong = f"file://{tmp_path_factory.mktemp('chunks-elsewhere')}"  # a folder the API never wrote to
+    with RedisServer(dir=str(tmp_path_factory.mktemp("redis"))) as redis_server:
+        app = create_app({"REDIS_URL": redis_server.url, "MODELS_DIR": models_dir, "CHUNK_STORE_URL": good})
+        broken = CeleryWorker(redis_server.url, models_dir=models_dir, env={"CHUNK_STORE_URL": wrong},
+                              log_dir=str(tmp_path_factory.mktemp("worker-wrong-store")))
+        fixed = CeleryWorker(redis_server.url, models_dir=models_dir, env={"CHUNK_STORE_URL": good},
+                             log_dir=str(tmp_path_factory.mktemp("worker-good-store")))
+        try:
+            broken.start()
+            planted = data.planted_csv(400)
+            body, content_type = data.multipart({"model": "fussy"}, planted.filename, planted.body)
+            http = app.test_client()
+            created = http.post("/v1/jobs", data=body, content_type=content_type)
+            assert created.status_code == 202, created.json
+            job_id = created.json["id"]
+            retries = lambda: [line for line in broken.log().splitlines() if "retry: Retry in" in line]  # noqa: E731
+            wait_for(lambda: len(retries()) >= 3, timeout=60, what="the worker to retry the chunk three times")
+            assert all("has no blob" in line for line in retries())
+            client = redis_server.client()
+            # MAX_CHUNK_ATTEMPTS is 3: three failed deliveries that counted would make the chunk's rows fail.
+            assert int(client.hget(keys.attempts(job_id), 0) or 0) <= 1  # only a delivery under way may count
+            broken.stop()
+            fixed.start()
+
+            def finished():
+                job = http.get(f"/v1/jobs/{job_id}").json
+                return job if job["status"] in TERMINAL else None
+
+            job = wait_for(finished, timeout=120, what="the job to finish on the worker that reaches the store")
+            n_bad = len(planted.errors)
+            assert job["counts"] == {"total": 400, "succeeded": 400 - n_bad, "failed": n_bad, "skipped": 0}
+            errors = orjson.loads(b"[" + b",".join(http.get(f"/v1/jobs/{job_id}/errors").data.splitlines()) + b"]")
+            assert "chunk_failed" not in {e["code"] for e in errors}
+            client.close()
+        finally:
+            for proc in (broken, fixed):
+                if proc.running:
+                    proc.stop()
