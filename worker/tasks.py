@@ -12,8 +12,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from threadpoolctl import threadpool_limits
 
 from shared.chunk import fail_chunk
-from shared.chunkstore import open_chunk_store
 from shared.chunk import process_chunk as run_chunk
+from shared.chunkstore import open_chunk_store
 from shared.dispatch import (
     CANARY,
     PROCESS_CHUNK,

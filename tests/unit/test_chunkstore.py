@@ -11,7 +11,16 @@ from shared.chunkstore import FsspecBlobs, RedisBlobs
 from shared.errors import ChunkStoreUnavailable
 from shared.jobs import JobOptions, JobStore, Status
 from shared.reconcile import sweep
-from tests.unit.test_jobs import _chunk_blob, _fill, registry, run  # noqa: F401 - registry is a fixture
+from shared.registry import Registry
+from tests.support import models as test_models
+from tests.unit.test_jobs import _chunk_blob, _fill, run
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    root = tmp_path_factory.mktemp("models")
+    test_models.install_test_models(root)
+    return Registry(root)
 
 
 @pytest.fixture
@@ -90,7 +99,7 @@ def test_a_duplicate_run_keeps_the_first_commit(store, registry, new_job, root):
     """Two runs of one chunk both write a blob; the first commit is served and the loser's blob is deleted."""
     job_id = new_job()
     _fill(store, job_id, [10, 10])
-    outcome, _, input_blob = store.claim(job_id, 0)
+    outcome, _, _ = store.claim(job_id, 0)
     assert outcome == "run"
     first = blobs.encode(blobs.decode(_chunk_blob(0, 10))[0].select([blobs.ROW]).rename_columns(["row"]))
     assert store.commit(job_id, 0, 10, 0, first, b"")[0] == "open"
