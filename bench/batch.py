@@ -270,6 +270,7 @@ class JobPoller(threading.Thread):
         self.errors: list[str] = []
         self.terminal_at: float | None = None
         self.terminal_job: dict | None = None
+        self.polls = {"job": 0, "list": 0}  # status polls sent, by kind (their Redis cost is measured apart)
         self.done = threading.Event()
         self._halt = threading.Event()
 
@@ -282,6 +283,7 @@ class JobPoller(threading.Thread):
             started = time.perf_counter()
             job = None
             try:
+                self.polls["job" if self.job_id else "list"] += 1
                 if self.job_id:
                     r = session.get(f"{self.api}/v1/jobs/{self.job_id}", timeout=30)
                     job = r.json() if r.status_code == 200 else None
@@ -543,6 +545,21 @@ def job_key_memory(client, job_id: str) -> int:
     return sum(client.memory_usage(k, samples=0) or 0 for k in client.keys(f"{keys.job(job_id)}*"))
 
 
+def poll_cost(api: str, client, job_id: str, n: int = 50) -> dict[str, dict[str, float]]:
+    """Redis commands, bytes and CPU of one status poll of each kind the poller sends, measured over n polls."""
+    session = requests.Session()
+    cost = {}
+    for kind, url in (("job", f"{api}/v1/jobs/{job_id}"), ("list", f"{api}/v1/jobs?limit=1")):
+        before = redis_traffic(client)
+        for _ in range(n):
+            session.get(url, timeout=30).raise_for_status()
+            client.hget(keys.job(job_id), "rows_read")
+        delta = redis_traffic(client, before)
+        cost[kind] = {"calls": sum(delta["calls"].values()) / n, "in": delta["in"] / n, "out": delta["out"] / n,
+                      "cpu": delta["cpu"] / n}
+    return cost
+
+
 def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Path, rows: int) -> dict[str, Any]:
     logs = tmp / "logs"
     started: list = []
@@ -618,6 +635,7 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         if measure:
             out["store_objects"] = store_objects(measure)
         out["job_key_memory"] = job_key_memory(client, job["id"])
+        out["polls"], out["poll_cost"] = dict(poller.polls), poll_cost(web.url, client, job["id"])
         redis_after_job = client.info("memory")
         results_key = keys.results(job["id"])
         fields_ = client.hkeys(results_key)
@@ -824,6 +842,20 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"{traffic['in'] * per_m / 1024:,.0f} / {traffic['out'] * per_m / 1024:,.0f} |")
     print(f"| stored results (MiB) | {svc['results_bytes'] / MiB:,.1f} | {svc['results_bytes'] / chunks / MiB:,.2f} | "
           f"{svc['results_bytes'] * per_m / MiB:,.1f} |")
+    polls, pc = svc["polls"], svc["poll_cost"]
+    spent_polling = {k: sum(polls[kind] * pc[kind][k] for kind in polls) for k in ("calls", "in", "out", "cpu")}
+    net = {"calls": total_calls - spent_polling["calls"], "in": traffic["in"] - spent_polling["in"],
+           "out": traffic["out"] - spent_polling["out"], "cpu": traffic.get("cpu", 0.0) - spent_polling["cpu"]}
+    print(f"| status polls ({polls['job']} of the job, {polls['list']} listings before the 202): commands, measured "
+          f"apart ({pc['job']['calls']:.1f} and {pc['list']['calls']:.1f} a poll) | {spent_polling['calls']:,.0f} | "
+          f"{spent_polling['calls'] / chunks:,.1f} | {spent_polling['calls'] * per_m:,.0f} |")
+    print(f"| **Redis commands without the polls** | **{net['calls']:,.0f}** | **{net['calls'] / chunks:,.1f}** | "
+          f"**{net['calls'] * per_m:,.0f}** |")
+    print(f"| Redis bytes in / out without the polls (KiB) | {net['in'] / 1024:,.0f} / {net['out'] / 1024:,.0f} | "
+          f"{net['in'] / chunks / 1024:,.1f} / {net['out'] / chunks / 1024:,.1f} | "
+          f"{net['in'] * per_m / 1024:,.0f} / {net['out'] * per_m / 1024:,.0f} |")
+    print(f"| Redis CPU without the polls (ms) | {net['cpu'] * 1000:,.0f} | {net['cpu'] * 1000 / chunks:,.2f} | "
+          f"{net['cpu'] * 1000 * per_m:,.0f} |")
     print(f"| Redis memory of the job's keys after it (MEMORY USAGE, KiB) | {svc['job_key_memory'] / 1024:,.1f} | "
           f"{svc['job_key_memory'] / chunks / 1024:,.2f} | {svc['job_key_memory'] * per_m / 1024:,.1f} |")
     redis_cpu = traffic.get("cpu", 0.0)
