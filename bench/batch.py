@@ -45,6 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import redis
 import requests
 import sklearn
 
@@ -545,6 +546,46 @@ def job_key_memory(client, job_id: str) -> int:
     return sum(client.memory_usage(k, samples=0) or 0 for k in client.keys(f"{keys.job(job_id)}*"))
 
 
+class CommandMonitor(threading.Thread):
+    """Redis MONITOR on its own connection: counts commands by name, sent by clients or run inside Lua scripts.
+
+    MONITOR costs the server CPU and output bytes of its own, so a run with it is for these counts only.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(name="redis-monitor", daemon=True)
+        self.client = redis.Redis(host=host, port=port, socket_timeout=1)
+        self.counts: dict[tuple[str, str], int] = {}  # (client kind, command) -> count, in the window
+        self.window: tuple[float, float] = (0.0, float("inf"))
+        self._halt = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        conn = self.client.connection_pool.get_connection("MONITOR")
+        conn.send_command("MONITOR")
+        conn.read_response()
+        self.ready.set()
+        try:
+            while not self._halt.is_set():
+                try:
+                    line = conn.read_response(disable_decoding=True)
+                except redis.TimeoutError:
+                    continue
+                ts, _, rest = line.partition(b" ")
+                if not self.window[0] <= float(ts) <= self.window[1]:
+                    continue
+                info_end = rest.find(b"]")
+                kind = "lua" if rest[:info_end].endswith(b"lua") else "client"
+                name_start = rest.find(b'"', info_end) + 1
+                name = rest[name_start:rest.find(b'"', name_start)].decode(errors="replace").lower()
+                self.counts[(kind, name)] = self.counts.get((kind, name), 0) + 1
+        finally:
+            conn.disconnect()
+
+
 def poll_cost(api: str, client, job_id: str, n: int = 50) -> dict[str, dict[str, float]]:
     """Redis commands, bytes and CPU of one status poll of each kind the poller sends, measured over n polls."""
     session = requests.Session()
@@ -596,6 +637,12 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         session = requests.Session()
         log(f"uploading {body.length / MiB:.1f} MiB ({rows} rows) to POST /v1/jobs")
         cpu_before, self_before = cpu_seconds(groups), _self_cpu()
+        monitor = None
+        if args.monitor:
+            monitor = CommandMonitor("127.0.0.1", server.port)
+            monitor.start()
+            monitor.ready.wait(10)
+            monitor.window = (time.time(), float("inf"))
         redis_before = redis_traffic(client)
         if "proxy" in measure:
             store_before = measure["proxy"].counts()
@@ -627,6 +674,11 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         assert terminal_at is not None and final is not None
         log(f"terminal after {terminal_at - first:.1f} s: {final['status']} counts={final['counts']}")
         redis_job = redis_traffic(client, redis_before)
+        if monitor is not None:
+            monitor.window = (monitor.window[0], time.time())
+            time.sleep(2)  # let the monitor read what the server sent before the window closed
+            monitor.stop()
+            out["monitor"] = dict(monitor.counts)
         if "proxy" in measure:
             after = measure["proxy"].counts()
             out["store_traffic"] = {"sent": after["sent"] - store_before["sent"],
@@ -861,6 +913,21 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
     redis_cpu = traffic.get("cpu", 0.0)
     print(f"| Redis server CPU (INFO cpu, user + sys, ms) | {redis_cpu * 1000:,.0f} | {redis_cpu * 1000 / chunks:,.1f} | "
           f"{redis_cpu * 1000 * per_m:,.0f} |")
+    if svc.get("monitor"):
+        mon = svc["monitor"]
+        sent = sum(n for (kind, _), n in mon.items() if kind == "client")
+        in_lua = sum(n for (kind, _), n in mon.items() if kind == "lua")
+        print()
+        print("Redis MONITOR during the job (status polls included): commands sent by clients (network round trips "
+              "or pipeline entries) and commands run inside Lua scripts:")
+        print()
+        print("| what | total | per chunk | per 1M rows |")
+        print("|---|---:|---:|---:|")
+        for label, n in (("sent by clients", sent), ("run inside Lua scripts", in_lua)):
+            print(f"| {label} | {n:,} | {n / chunks:,.1f} | {n * per_m:,.0f} |")
+        for (kind, name), n in sorted(mon.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"| &nbsp; {name} ({'in Lua' if kind == 'lua' else 'sent'}) | {n:,} | {n / chunks:,.1f} | "
+                  f"{n * per_m:,.0f} |")
     if svc.get("chunk_store"):
         print()
         print(f"Chunk store {svc['chunk_store']} after the job: {svc['store_objects'][0]:,} objects, "
@@ -1025,6 +1092,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
     parser.add_argument("--workers", type=int, default=None,
                         help="pool processes of the one celery worker (WORKER_CONCURRENCY; default: the Procfile's)")
+    parser.add_argument("--monitor", action="store_true",
+                        help="count the job's Redis commands with MONITOR too (sent by clients / run in Lua); "
+                             "MONITOR slows Redis, so use that run for counts only")
     parser.add_argument("--chunk-store", metavar="URL", default=None,
                         help="CHUNK_STORE_URL for web and worker (file:///dir, s3://...); 'moto': a private moto S3 "
                              "server, its traffic counted (default: chunk blobs in Redis)")
