@@ -1,6 +1,7 @@
 """Batch jobs: create from JSON rows or a streamed upload, then status, listing, results, errors, cancel, delete."""
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -316,7 +317,9 @@ def _download(job_id: str, kind: str, formats: tuple[str, ...]) -> Response:
     else:
         empty = pa.schema([pa.field("row", pa.int64()), *id_fields, pa.field("code", pa.string()),
                            pa.field("message", pa.string())])
-    body = writers.stream(fmt, _tables(job, kind), empty)
+    tables = _tables(job, kind)
+    first = next(tables, None)  # a failing chunk store answers 503 here, before the response has begun
+    body = writers.stream(fmt, itertools.chain([first] if first is not None else [], tables), empty)
     return Response(stream_with_context(body), mimetype=writers.MEDIA_TYPES[fmt], headers={
         "Content-Disposition": f'attachment; filename="{job_id}-{kind}.{fmt}"'})
 

@@ -10,6 +10,7 @@ from celery import Celery
 from flask import current_app
 
 from shared.capacity import Capacity
+from shared.chunkstore import open_chunk_store
 from shared.dispatch import make_celery, send_read
 from shared.durability import Durability
 from shared.idempotency import IdempotencyKeys
@@ -45,7 +46,7 @@ class Services:
             settings=settings,
             redis=client,
             store=JobStore(client, result_ttl=settings.RESULT_TTL, max_attempts=settings.MAX_CHUNK_ATTEMPTS,
-                           stale_after=settings.CHUNK_TIME_LIMIT * 2),
+                           stale_after=settings.CHUNK_TIME_LIMIT * 2, blobs=open_chunk_store(settings.CHUNK_STORE_URL)),
             registry=Registry(settings.MODELS_DIR, settings.MODEL_RESCAN_SECONDS),
             celery=make_celery(settings),
             idempotency=IdempotencyKeys(client, lease_seconds=settings.IDEMPOTENCY_LEASE_SECONDS, ttl=settings.RESULT_TTL),

@@ -17,9 +17,12 @@ import argparse
 import multiprocessing
 import os
 import platform
+import re
 import resource
+import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import redis
 import requests
 import sklearn
 
@@ -49,7 +53,7 @@ from cli.stack import procfile
 from shared import keys
 from shared.demo import install_demo_models
 from shared.registry import Registry
-from tests.support.processes import ApiServer, CeleryWorker, RedisServer
+from tests.support.processes import ApiServer, CeleryWorker, MotoServer, RedisServer
 
 MiB = 1024 * 1024
 POLL_SECONDS = 0.2
@@ -267,6 +271,7 @@ class JobPoller(threading.Thread):
         self.errors: list[str] = []
         self.terminal_at: float | None = None
         self.terminal_job: dict | None = None
+        self.polls = {"job": 0, "list": 0}  # status polls sent, by kind (their Redis cost is measured apart)
         self.done = threading.Event()
         self._halt = threading.Event()
 
@@ -279,6 +284,7 @@ class JobPoller(threading.Thread):
             started = time.perf_counter()
             job = None
             try:
+                self.polls["job" if self.job_id else "list"] += 1
                 if self.job_id:
                     r = session.get(f"{self.api}/v1/jobs/{self.job_id}", timeout=30)
                     job = r.json() if r.status_code == 200 else None
@@ -418,28 +424,201 @@ def redis_traffic(client, before: dict[str, Any] | None = None) -> dict[str, Any
     """
     calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
     stats = client.info("stats")
-    now = {"calls": calls, "in": stats["total_net_input_bytes"], "out": stats["total_net_output_bytes"]}
+    cpu = client.info("cpu")
+    now = {"calls": calls, "in": stats["total_net_input_bytes"], "out": stats["total_net_output_bytes"],
+           "cpu": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])}
     if before is None:
         return now
     return {"calls": {k: v - before["calls"].get(k, 0) for k, v in calls.items() if v - before["calls"].get(k, 0)},
-            "in": now["in"] - before["in"], "out": now["out"] - before["out"]}
+            "in": now["in"] - before["in"], "out": now["out"] - before["out"], "cpu": now["cpu"] - before["cpu"]}
+
+
+class CountingProxy(threading.Thread):
+    """A TCP proxy on a free loopback port in front of the object store: counts the bytes each way."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(name="chunk-store-proxy", daemon=True)
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.5)
+        self.port = self.listener.getsockname()[1]
+        self.sent = 0      # to the store (requests: puts carry the blobs)
+        self.received = 0  # from the store (responses: gets carry the blobs)
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"sent": self.sent, "received": self.received, "connections": self.connections}
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(conn,), daemon=True).start()
+        self.listener.close()
+
+    def _pump(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([conn, upstream], [], [], 1.0)
+                for src in ready:
+                    data = src.recv(1 << 16)
+                    if not data:
+                        return
+                    (upstream if src is conn else conn).sendall(data)
+                    with self._lock:
+                        if src is conn:
+                            self.sent += len(data)
+                        else:
+                            self.received += len(data)
+        except OSError:
+            return
+        finally:
+            conn.close()
+            upstream.close()
+
+
+_S3_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[0-9.]+(?:\x1b\[0m)?" (\d+)')
+
+
+def s3_requests(moto_log: str, offset: int) -> dict[str, int]:
+    """Requests moto logged after `offset` bytes of its log, by method (and listings apart from gets)."""
+    with open(moto_log, encoding="utf-8", errors="replace") as fh:
+        fh.seek(offset)
+        text = fh.read()
+    counts: dict[str, int] = {}
+    for method, path, _status in _S3_REQUEST.findall(text):
+        kind = "LIST" if method == "GET" and ("list-type" in path or "prefix=" in path) else method
+        kind = "DELETE (bulk)" if method == "POST" and "delete" in path else kind
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def chunk_store(args: argparse.Namespace, tmp: Path, logs: Path, started: list) -> tuple[dict[str, str], dict]:
+    """The environment that points web and worker at `--chunk-store`, and what measures it (moto: a counting proxy)."""
+    if not args.chunk_store:
+        return {}, {}
+    if args.chunk_store != "moto":
+        return {"CHUNK_STORE_URL": args.chunk_store}, {"url": args.chunk_store}
+    moto = MotoServer(log_dir=str(logs))
+    started.append(moto)
+    moto.start()
+    proxy = CountingProxy(moto.port)
+    proxy.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    import fsspec
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=moto.url, key="bench", secret="bench").mkdir(
+        "predq-bench")
+    log(f"moto S3 server on {moto.url} (pid {moto.pid}), counted through a proxy on port {proxy.port}")
+    url = "s3://predq-bench/chunks"
+    return {**env, "CHUNK_STORE_URL": url}, {"url": url, "moto": moto, "proxy": proxy, "endpoint": moto.url}
+
+
+def store_objects(measure: dict) -> tuple[int, int]:
+    """Objects and bytes in the chunk store now."""
+    import fsspec
+    if "moto" in measure:
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=measure["endpoint"], key="bench",
+                               secret="bench")
+        root = measure["url"].removeprefix("s3://")
+    else:
+        fs, root = fsspec.core.url_to_fs(measure["url"])
+    if not fs.exists(root):
+        return 0, 0
+    sizes = fs.du(root, total=False)
+    return len(sizes), sum(sizes.values())
+
+
+def job_key_memory(client, job_id: str) -> int:
+    """Redis memory of every key of a job (MEMORY USAGE, bytes)."""
+    return sum(client.memory_usage(k, samples=0) or 0 for k in client.keys(f"{keys.job(job_id)}*"))
+
+
+class CommandMonitor(threading.Thread):
+    """Redis MONITOR on its own connection: counts commands by name, sent by clients or run inside Lua scripts.
+
+    MONITOR costs the server CPU and output bytes of its own, so a run with it is for these counts only.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(name="redis-monitor", daemon=True)
+        self.client = redis.Redis(host=host, port=port, socket_timeout=1)
+        self.counts: dict[tuple[str, str], int] = {}  # (client kind, command) -> count, in the window
+        self.window: tuple[float, float] = (0.0, float("inf"))
+        self._halt = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        conn = self.client.connection_pool.get_connection("MONITOR")
+        conn.send_command("MONITOR")
+        conn.read_response()
+        self.ready.set()
+        try:
+            while not self._halt.is_set():
+                try:
+                    line = conn.read_response(disable_decoding=True)
+                except redis.TimeoutError:
+                    continue
+                ts, _, rest = line.partition(b" ")
+                if not self.window[0] <= float(ts) <= self.window[1]:
+                    continue
+                info_end = rest.find(b"]")
+                kind = "lua" if rest[:info_end].endswith(b"lua") else "client"
+                name_start = rest.find(b'"', info_end) + 1
+                name = rest[name_start:rest.find(b'"', name_start)].decode(errors="replace").lower()
+                self.counts[(kind, name)] = self.counts.get((kind, name), 0) + 1
+        finally:
+            conn.disconnect()
+
+
+def poll_cost(api: str, client, job_id: str, n: int = 50) -> dict[str, dict[str, float]]:
+    """Redis commands, bytes and CPU of one status poll of each kind the poller sends, measured over n polls."""
+    session = requests.Session()
+    cost = {}
+    for kind, url in (("job", f"{api}/v1/jobs/{job_id}"), ("list", f"{api}/v1/jobs?limit=1")):
+        before = redis_traffic(client)
+        for _ in range(n):
+            session.get(url, timeout=30).raise_for_status()
+            client.hget(keys.job(job_id), "rows_read")
+        delta = redis_traffic(client, before)
+        cost[kind] = {"calls": sum(delta["calls"].values()) / n, "in": delta["in"] / n, "out": delta["out"] / n,
+                      "cpu": delta["cpu"] / n}
+    return cost
 
 
 def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Path, rows: int) -> dict[str, Any]:
     logs = tmp / "logs"
     started: list = []
     out: dict[str, Any] = {"logs": logs}
+    measure: dict[str, Any] = {}
     try:
         server = RedisServer(dir=str(tmp / "redis"))
         started.append(server)
         server.start()
         client = server.client(socket_timeout=60)
         log(f"redis-compatible server on port {server.port} (pid {server.pid})")
-        web = ProcfileWeb(server.url, models_dir=str(models_dir), log_dir=str(logs))
+        store_env, measure = chunk_store(args, tmp, logs, started)
+        out["chunk_store"] = measure.get("url")
+        web = ProcfileWeb(server.url, models_dir=str(models_dir), env=store_env, log_dir=str(logs))
         started.append(web)
         web.start()
         log(f"web: {web.url} (gunicorn master pid {web.pid}, workers {web.worker_pids()})")
-        worker = ProcfileWorker(server.url, models_dir=str(models_dir), log_dir=str(logs))
+        worker = ProcfileWorker(server.url, models_dir=str(models_dir), env=store_env, log_dir=str(logs))
         worker.pool_processes = args.workers
         started.append(worker)
         worker.start()
@@ -458,7 +637,16 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         session = requests.Session()
         log(f"uploading {body.length / MiB:.1f} MiB ({rows} rows) to POST /v1/jobs")
         cpu_before, self_before = cpu_seconds(groups), _self_cpu()
+        monitor = None
+        if args.monitor:
+            monitor = CommandMonitor("127.0.0.1", server.port)
+            monitor.start()
+            monitor.ready.wait(10)
+            monitor.window = (time.time(), float("inf"))
         redis_before = redis_traffic(client)
+        if "proxy" in measure:
+            store_before = measure["proxy"].counts()
+            moto_offset = os.path.getsize(measure["moto"].log_path)
         poller.start()
         r = session.post(f"{web.url}/v1/jobs", data=body, headers={"Content-Type": body.content_type},
                          timeout=(30, 3600))
@@ -486,6 +674,20 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
         assert terminal_at is not None and final is not None
         log(f"terminal after {terminal_at - first:.1f} s: {final['status']} counts={final['counts']}")
         redis_job = redis_traffic(client, redis_before)
+        if monitor is not None:
+            monitor.window = (monitor.window[0], time.time())
+            time.sleep(2)  # let the monitor read what the server sent before the window closed
+            monitor.stop()
+            out["monitor"] = dict(monitor.counts)
+        if "proxy" in measure:
+            after = measure["proxy"].counts()
+            out["store_traffic"] = {"sent": after["sent"] - store_before["sent"],
+                                    "received": after["received"] - store_before["received"],
+                                    "requests": s3_requests(measure["moto"].log_path, moto_offset)}
+        if measure:
+            out["store_objects"] = store_objects(measure)
+        out["job_key_memory"] = job_key_memory(client, job["id"])
+        out["polls"], out["poll_cost"] = dict(poller.polls), poll_cost(web.url, client, job["id"])
         redis_after_job = client.info("memory")
         results_key = keys.results(job["id"])
         fields_ = client.hkeys(results_key)
@@ -525,6 +727,8 @@ def run_service(args: argparse.Namespace, tmp: Path, models_dir: Path, data: Pat
                 log(f"last lines of the {proc.kind} log ({proc.log_path}):\n{proc.log_tail(30)}")
         raise
     finally:
+        if "proxy" in measure:
+            measure["proxy"].stop()
         for proc in reversed(started):
             try:
                 proc.stop()
@@ -685,8 +889,65 @@ def report(args: argparse.Namespace, rows: int, data: Path, inproc: dict[str, An
           f"{traffic['in'] * per_m / MiB:,.1f} |")
     print(f"| bytes out of Redis (MiB) | {traffic['out'] / MiB:,.1f} | {traffic['out'] / chunks / MiB:,.2f} | "
           f"{traffic['out'] * per_m / MiB:,.1f} |")
+    print(f"| bytes into / out of Redis (KiB) | {traffic['in'] / 1024:,.0f} / {traffic['out'] / 1024:,.0f} | "
+          f"{traffic['in'] / chunks / 1024:,.1f} / {traffic['out'] / chunks / 1024:,.1f} | "
+          f"{traffic['in'] * per_m / 1024:,.0f} / {traffic['out'] * per_m / 1024:,.0f} |")
     print(f"| stored results (MiB) | {svc['results_bytes'] / MiB:,.1f} | {svc['results_bytes'] / chunks / MiB:,.2f} | "
           f"{svc['results_bytes'] * per_m / MiB:,.1f} |")
+    polls, pc = svc["polls"], svc["poll_cost"]
+    spent_polling = {k: sum(polls[kind] * pc[kind][k] for kind in polls) for k in ("calls", "in", "out", "cpu")}
+    net = {"calls": total_calls - spent_polling["calls"], "in": traffic["in"] - spent_polling["in"],
+           "out": traffic["out"] - spent_polling["out"], "cpu": traffic.get("cpu", 0.0) - spent_polling["cpu"]}
+    print(f"| status polls ({polls['job']} of the job, {polls['list']} listings before the 202): commands, measured "
+          f"apart ({pc['job']['calls']:.1f} and {pc['list']['calls']:.1f} a poll) | {spent_polling['calls']:,.0f} | "
+          f"{spent_polling['calls'] / chunks:,.1f} | {spent_polling['calls'] * per_m:,.0f} |")
+    print(f"| **Redis commands without the polls** | **{net['calls']:,.0f}** | **{net['calls'] / chunks:,.1f}** | "
+          f"**{net['calls'] * per_m:,.0f}** |")
+    print(f"| Redis bytes in / out without the polls (KiB) | {net['in'] / 1024:,.0f} / {net['out'] / 1024:,.0f} | "
+          f"{net['in'] / chunks / 1024:,.1f} / {net['out'] / chunks / 1024:,.1f} | "
+          f"{net['in'] * per_m / 1024:,.0f} / {net['out'] * per_m / 1024:,.0f} |")
+    print(f"| Redis CPU without the polls (ms) | {net['cpu'] * 1000:,.0f} | {net['cpu'] * 1000 / chunks:,.2f} | "
+          f"{net['cpu'] * 1000 * per_m:,.0f} |")
+    print(f"| Redis memory of the job's keys after it (MEMORY USAGE, KiB) | {svc['job_key_memory'] / 1024:,.1f} | "
+          f"{svc['job_key_memory'] / chunks / 1024:,.2f} | {svc['job_key_memory'] * per_m / 1024:,.1f} |")
+    redis_cpu = traffic.get("cpu", 0.0)
+    print(f"| Redis server CPU (INFO cpu, user + sys, ms) | {redis_cpu * 1000:,.0f} | {redis_cpu * 1000 / chunks:,.1f} | "
+          f"{redis_cpu * 1000 * per_m:,.0f} |")
+    if svc.get("monitor"):
+        mon = svc["monitor"]
+        sent = sum(n for (kind, _), n in mon.items() if kind == "client")
+        in_lua = sum(n for (kind, _), n in mon.items() if kind == "lua")
+        print()
+        print("Redis MONITOR during the job (status polls included): commands sent by clients (network round trips "
+              "or pipeline entries) and commands run inside Lua scripts:")
+        print()
+        print("| what | total | per chunk | per 1M rows |")
+        print("|---|---:|---:|---:|")
+        for label, n in (("sent by clients", sent), ("run inside Lua scripts", in_lua)):
+            print(f"| {label} | {n:,} | {n / chunks:,.1f} | {n * per_m:,.0f} |")
+        for (kind, name), n in sorted(mon.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"| &nbsp; {name} ({'in Lua' if kind == 'lua' else 'sent'}) | {n:,} | {n / chunks:,.1f} | "
+                  f"{n * per_m:,.0f} |")
+    if svc.get("chunk_store"):
+        print()
+        print(f"Chunk store {svc['chunk_store']} after the job: {svc['store_objects'][0]:,} objects, "
+              f"{svc['store_objects'][1] / MiB:,.1f} MiB (results and row errors; inputs are removed as chunks commit).")
+    if svc.get("store_traffic"):
+        st = svc["store_traffic"]
+        n_req = sum(st["requests"].values())
+        print()
+        print("Object store traffic during the job (bytes on the wire through a counting proxy, HTTP headers included; "
+              "requests from moto's log):")
+        print()
+        print("| what | total | per chunk | per 1M rows |")
+        print("|---|---:|---:|---:|")
+        print(f"| S3 requests (all) | {n_req:,} | {n_req / chunks:,.1f} | {n_req * per_m:,.0f} |")
+        for name, n in sorted(st["requests"].items(), key=lambda kv: -kv[1]):
+            print(f"| &nbsp; {name} | {n:,} | {n / chunks:,.1f} | {n * per_m:,.0f} |")
+        print(f"| bytes to the store (MiB) | {st['sent'] / MiB:,.1f} | {st['sent'] / chunks / MiB:,.2f} | "
+              f"{st['sent'] * per_m / MiB:,.1f} |")
+        print(f"| bytes from the store (MiB) | {st['received'] / MiB:,.1f} | {st['received'] / chunks / MiB:,.2f} | "
+              f"{st['received'] * per_m / MiB:,.1f} |")
     print()
     print("| process | pid | VmRSS peak: job | Parquet download | JSONL download | VmHWM |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -831,6 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: the server chooses)")
     parser.add_argument("--workers", type=int, default=None,
                         help="pool processes of the one celery worker (WORKER_CONCURRENCY; default: the Procfile's)")
+    parser.add_argument("--monitor", action="store_true",
+                        help="count the job's Redis commands with MONITOR too (sent by clients / run in Lua); "
+                             "MONITOR slows Redis, so use that run for counts only")
+    parser.add_argument("--chunk-store", metavar="URL", default=None,
+                        help="CHUNK_STORE_URL for web and worker (file:///dir, s3://...); 'moto': a private moto S3 "
+                             "server, its traffic counted (default: chunk blobs in Redis)")
     parser.add_argument("--input", choices=("csv", "parquet"), default="csv",
                         help="upload the rows as CSV (default) or as Parquet (made from the CSV, kept beside it)")
     args = parser.parse_args(argv)

@@ -135,3 +135,13 @@ class InternalError(PredqError):
 
 class NotReady(PredqError):
     status, code = 503, "not_ready"
+
+
+class ChunkStoreUnavailable(PredqError):
+    """The object store named by CHUNK_STORE_URL failed (unreachable, refused, missing bucket): worth a retry."""
+
+    status, code = 503, "chunk_store_unavailable"
+
+    def __init__(self, message: str, **kwargs):
+        kwargs.setdefault("headers", {"Retry-After": "30"})
+        super().__init__(message, **kwargs)

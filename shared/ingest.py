@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from shared import blobs
 from shared.errors import (
+    ChunkStoreUnavailable,
     EmptyInput,
     InternalError,
     InvalidParameterValue,
@@ -271,7 +272,8 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
                                    chunk_rows=size, compression=compression, send=send, limits=limits)
         return store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
     except PredqError as e:
-        store.stop(job_id, "fail", e.code, e.message)
+        # The job's error codes are the contract's: a failing chunk store is an internal error of the service.
+        store.stop(job_id, "fail", "internal_error" if isinstance(e, ChunkStoreUnavailable) else e.code, e.message)
         current = store.get(job_id)
         if current is None:
             return "gone"

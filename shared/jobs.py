@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -14,6 +15,10 @@ from typing import Any
 import redis
 
 from shared import keys, lua, metrics
+from shared.chunkstore import ChunkStore, RedisBlobs
+from shared.errors import ChunkStoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Status(StrEnum):
@@ -164,11 +169,16 @@ class Job:
 
 
 class JobStore:
-    """Creates, reads and changes jobs in Redis; the only module that knows their keys' layout."""
+    """Creates, reads and changes jobs in Redis; the only module that knows their keys' layout.
+
+    Chunk blobs go through `blobs`: kept in the job's hashes (RedisBlobs, the default) or in object storage
+    with only their names in the hashes (FsspecBlobs). Either way a commit counts once, in Lua.
+    """
 
     def __init__(self, client: redis.Redis, *, result_ttl: int, max_attempts: int = 3, stale_after: float = 900,
-                 max_refusals: int = 10):
+                 max_refusals: int = 10, blobs: ChunkStore | None = None):
         self.r = client
+        self.blobs: ChunkStore = blobs or RedisBlobs()
         self.result_ttl = result_ttl
         self.max_attempts = max_attempts
         self.stale_after = stale_after
@@ -181,6 +191,7 @@ class JobStore:
         self._skip = client.register_script(lua.SKIP_CHUNK)
         self._refuse = client.register_script(lua.REFUSE_CHUNK)
         self._stop = client.register_script(lua.STOP_JOB)
+        self._release = client.register_script(lua.RELEASE_CHUNK)
 
     @staticmethod
     def _keys(job_id: str) -> list[str]:
@@ -227,14 +238,18 @@ class JobStore:
 
     def add_chunk(self, job_id: str, index: int, n_rows: int, blob: bytes) -> tuple[str, list[int]]:
         """Store one chunk's input: ('stored', chunks whose messages to send now), ('skipped', []) or ('gone', [])."""
-        return self._with_sends(self._add_chunk(self._keys(job_id), [index, n_rows, blob, time.time()]))
+        ref = self.blobs.put(f"{job_id}/inputs/{index}", blob)
+        outcome, sends = self._with_sends(self._add_chunk(self._keys(job_id), [index, n_rows, ref, time.time()]))
+        if outcome != "stored":
+            self._forget_blobs([ref])
+        return outcome, sends
 
     def feed(self, job_id: str) -> list[int]:
         """Chunks to send now to fill the job's window in the broker (after messages went missing)."""
         return [int(i) for i in self._feed(self._keys(job_id), [time.time()])]
 
     def finish_ingest(self, job_id: str, total: int, chunks_total: int) -> str:
-        return self._counted(job_id, self._decode(
+        return self._settled(job_id, self._decode(
             self._finish_ingest(self._keys(job_id), [total, chunks_total, time.time(), self.result_ttl])))
 
     def discard(self, job_id: str) -> None:
@@ -244,6 +259,47 @@ class JobStore:
             p.zrem(keys.JOBS, job_id)
             p.srem(keys.ACTIVE_JOBS, job_id)
             p.execute()
+        try:
+            self.blobs.delete_job(job_id)
+        except ChunkStoreUnavailable as e:
+            log.warning("blobs of a removed job left for the sweep: %s", e.message, extra={"job_id": job_id})
+
+    def sweep_blobs(self) -> list[str]:
+        """Remove the blobs of jobs whose Redis state is gone (expired, or deleted while the store failed)."""
+        ids = self.blobs.job_ids()
+        if not ids:
+            return []
+        with self.r.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.exists(keys.job(job_id))
+            alive = p.execute()
+        # A job's hash is written before any of its blobs, so a blob without one belongs to no live job.
+        gone = [job_id for job_id, exists in zip(ids, alive) if not exists]
+        for job_id in gone:
+            self.blobs.delete_job(job_id)
+        return gone
+
+    def _forget_blobs(self, refs: list[bytes]) -> None:
+        """Best-effort removal of blobs no commit refers to; the sweep removes what this misses."""
+        try:
+            self.blobs.delete([r for r in refs if r])
+        except ChunkStoreUnavailable as e:
+            log.warning("unreferenced chunk blobs left for the sweep: %s", e.message)
+
+    def _settled(self, job_id: str, status: str) -> str:
+        """After a step that may end the job: a terminal job is counted in the metrics (once), and its inputs are no
+        longer needed."""
+        if status in TERMINAL:
+            metrics.record_job_finished(self.r, job_id)
+            try:
+                self.blobs.delete_job(job_id, "inputs")
+            except ChunkStoreUnavailable as e:
+                log.warning("inputs of a finished job left for the sweep: %s", e.message, extra={"job_id": job_id})
+        return status
+
+    def _release_attempt(self, job_id: str, index: int) -> None:
+        """The chunk store failed, not the chunk: that delivery does not count against its attempts."""
+        self._release(self._keys(job_id), [index])
 
     # -- the worker's side --------------------------------------------------------------------------
     def claim(self, job_id: str, index: int) -> tuple[str, int, bytes | None]:
@@ -251,20 +307,41 @@ class JobStore:
         reply = self._claim(self._keys(job_id), [index, time.time(), self.max_attempts])
         outcome = self._decode(reply[0])
         attempt = int(reply[1]) if len(reply) > 1 else 0
-        return outcome, attempt, (reply[2] if len(reply) > 2 else None)
+        blob = None
+        if len(reply) > 2:
+            try:
+                blob = self.blobs.get(reply[2])
+            except ChunkStoreUnavailable:
+                self._release_attempt(job_id, index)
+                raise
+        return outcome, attempt, blob
 
     def commit(self, job_id: str, index: int, succeeded: int, failed: int, result_blob: bytes,
                error_blob: bytes, worker: str = "") -> tuple[str, list[int]]:
         """Commit a processed chunk once: ('duplicate', []) when it already was, else (the job's state, chunks to send).
 
-        `worker` (the committing worker's name) is recorded with the chunk.
+        Blobs are stored first under names unique to this run; only the commit that counts keeps its names in
+        Redis, and a refused one deletes its own blobs. `worker` (the committing worker's name) is recorded with
+        the chunk.
         """
+        token = os.urandom(6).hex()
+        refs: list[bytes] = []
+        try:
+            for kind, blob in (("results", result_blob), ("errors", error_blob)):
+                refs.append(self.blobs.put(f"{job_id}/{kind}/{index}.{token}", blob) if blob else b"")
+        except ChunkStoreUnavailable:
+            self._forget_blobs(refs)
+            self._release_attempt(job_id, index)
+            raise
         status, sends = self._with_sends(self._commit(
             self._keys(job_id),
-            [index, succeeded, failed, result_blob, error_blob, time.time(), self.result_ttl, self.stale_after,
-             worker],
+            [index, succeeded, failed, refs[0], refs[1], time.time(), self.result_ttl, self.stale_after, worker],
         ))
-        return self._counted(job_id, status), sends
+        if status in ("duplicate", "gone"):
+            self._forget_blobs(refs)
+        else:
+            self._forget_blobs([f"{job_id}/inputs/{index}".encode()])  # the committed chunk's input is done with
+        return self._settled(job_id, status), sends
 
     def refuse(self, job_id: str, index: int, worker: str, worker_sha256: str) -> tuple[str, int]:
         """Hand a chunk back unclaimed (this worker's model copy differs): ('refused' or 'exhausted', refusals so far)
@@ -290,21 +367,15 @@ class JobStore:
 
     def skip(self, job_id: str, index: int) -> str:
         reply = self._skip(self._keys(job_id), [index, time.time(), self.result_ttl])
-        return self._counted(job_id, self._decode(reply[0]))
+        return self._settled(job_id, self._decode(reply[0]))
 
     def _with_sends(self, reply: list) -> tuple[str, list[int]]:
         return self._decode(reply[0]), [int(i) for i in reply[1:]]
 
     def stop(self, job_id: str, how: str, error_code: str = "", error_message: str = "") -> str:
         """Cancel ('cancel') or fail ('fail') a job: idle chunks are skipped now, running ones may finish."""
-        return self._counted(job_id, self._decode(self._stop(
+        return self._settled(job_id, self._decode(self._stop(
             self._keys(job_id), [how, time.time(), self.result_ttl, self.stale_after, error_code, error_message])))
-
-    def _counted(self, job_id: str, status: str) -> str:
-        """Count a job's terminal status in the metrics, once, where a script that may have ended it returns."""
-        if status in TERMINAL:
-            metrics.record_job_finished(self.r, job_id)
-        return status
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -356,9 +427,8 @@ class JobStore:
         key = keys.results(job_id) if kind == "results" else keys.errors(job_id)
         for start in range(0, chunk_count, batch):
             fields = list(range(start, min(start + batch, chunk_count)))
-            for blob in self.r.hmget(key, fields):
-                if blob is not None:
-                    yield blob
+            refs = [ref for ref in self.r.hmget(key, fields) if ref is not None]
+            yield from self.blobs.get_many(refs)
 
     def active_ids(self) -> list[str]:
         return [i.decode() for i in self.r.smembers(keys.ACTIVE_JOBS)]
@@ -418,7 +488,8 @@ class JobStore:
         return by_status, oldest
 
     def input_blob(self, job_id: str, index: int) -> bytes | None:
-        return self.r.hget(keys.inputs(job_id), index)
+        ref = self.r.hget(keys.inputs(job_id), index)
+        return None if ref is None else self.blobs.get(ref)
 
     def begin_source_read(self, job_id: str) -> bool:
         """Mark a source job's input as being read; False when a reader already began (a redelivered task)."""

@@ -29,17 +29,17 @@ def chunks(job_id: str) -> str:
 
 
 def inputs(job_id: str) -> str:
-    """Hash: chunk index -> input blob, deleted once the chunk is committed."""
+    """Hash: chunk index -> input blob (or its name in the chunk store), deleted once the chunk is committed."""
     return f"{job(job_id)}:inputs"
 
 
 def results(job_id: str) -> str:
-    """Hash: chunk index -> result blob."""
+    """Hash: chunk index -> result blob (or its name in the chunk store)."""
     return f"{job(job_id)}:results"
 
 
 def errors(job_id: str) -> str:
-    """Hash: chunk index -> row-error blob."""
+    """Hash: chunk index -> row-error blob (or its name in the chunk store)."""
     return f"{job(job_id)}:errors"
 
 

@@ -93,7 +93,7 @@ local function finalise_if_complete(now, ttl)
 end
 """
 
-# ARGV: idx, nrows, blob, now -> {'gone'} | {'stored', idx to send...} | {'skipped'}
+# ARGV: idx, nrows, blob (or its name in the chunk store), now -> {'gone'} | {'stored', idx to send...} | {'skipped'}
 ADD_CHUNK = _PRELUDE + r"""
 local idx, nrows, blob, now = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
@@ -120,7 +120,8 @@ redis.call('HDEL', job, 'ingesting')
 return finalise_if_complete(tonumber(ARGV[3]), tonumber(ARGV[4]))
 """
 
-# ARGV: idx, now, max_attempts -> {'gone'} | {'done'} | {'stop'} | {'poison', attempts} | {'run', attempts, blob}
+# ARGV: idx, now, max_attempts -> {'gone'} | {'done'} | {'stop'} | {'poison', attempts, blob} | {'run', attempts, blob}
+#   (blob: the input blob, or its name in the chunk store)
 CLAIM_CHUNK = _PRELUDE + r"""
 local idx, now, max_attempts = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', job) == 0 then return {'gone'} end
@@ -139,6 +140,7 @@ return {'run', n, blob}
 """
 
 # ARGV: idx, succeeded, failed, result_blob, error_blob, now, ttl, stale_after, worker (always the last)
+#   (result_blob, error_blob: the blobs, or their names in the chunk store; only the first commit records them)
 #   -> {'gone'} | {'duplicate'} | {'open' or terminal status, chunk indexes to send next...}
 COMMIT_CHUNK = _PRELUDE + r"""
 local idx = ARGV[1]
@@ -185,6 +187,14 @@ redis.call('HSET', refusals, 'by:' .. ARGV[3], ARGV[4])
 if n > max_refusals then return {'exhausted', n} end
 redis.call('HSET', sent, idx, now)
 return {'refused', n}
+"""
+
+# ARGV: idx -> 1 when a claim's attempt was given back (the chunk store failed, not the chunk), else 0
+RELEASE_CHUNK = _PRELUDE + r"""
+if redis.call('HEXISTS', attempts, ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', attempts, ARGV[1], -1)
+redis.call('HDEL', running, ARGV[1])
+return 1
 """
 
 # ARGV: idx, now, ttl -> like COMMIT_CHUNK; for a chunk found while the job is stopping.

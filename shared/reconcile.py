@@ -5,6 +5,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from shared.errors import ChunkStoreUnavailable
 from shared.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -36,3 +37,15 @@ def reconcile(store: JobStore, send: Callable[[str, int], None], *, stale_after:
             send(job_id, index)
             did["fed"] += 1
     return did
+
+
+def sweep(store: JobStore) -> int:
+    """Remove from the chunk store the blobs of jobs that expired or were deleted; how many jobs were swept."""
+    try:
+        gone = store.sweep_blobs()
+    except ChunkStoreUnavailable as e:
+        log.warning("chunk store sweep skipped: %s", e.message)
+        return 0
+    if gone:
+        log.info("blobs of gone jobs removed from the chunk store", extra={"jobs": len(gone)})
+    return len(gone)

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     CHUNK_TARGET_CELLS: int = Field(500_000, ge=1000, description="Cells per chunk when CHUNK_SIZE is 0.")
     MAX_CHUNK_ROWS: int = Field(200_000, ge=1)
     CHUNK_COMPRESSION: str = Field("zstd", pattern="^(zstd|lz4|none)$")
+    CHUNK_STORE_URL: str | None = Field(None, description="fsspec URL for chunk blobs (file://, s3://, gs://); "
+                                                          "unset: the blobs stay in Redis.")
     MAX_CHUNK_ATTEMPTS: int = Field(3, ge=1, description="Deliveries of one chunk before its rows fail.")
     MAX_CHUNK_REFUSALS: int = Field(10, ge=1, description="Refusals of one chunk by workers whose copy of the "
                                     "job's model differs before the job fails.")

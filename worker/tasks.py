@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 from shared.broker import delete_queue, own_queue
 from shared.chunk import fail_chunk
 from shared.chunk import process_chunk as run_chunk
+from shared.chunkstore import open_chunk_store
 from shared.dispatch import (
     CANARY,
     PROCESS_CHUNK,
@@ -27,6 +28,7 @@ from shared.dispatch import (
     send_read,
 )
 from shared.durability import Durability
+from shared.errors import ChunkStoreUnavailable
 from shared.ingest import chunk_rows_for
 from shared.ingest import read_source as run_read_source
 from shared.jobs import TERMINAL, JobStore
@@ -34,6 +36,7 @@ from shared.logs import log_context
 from shared.memory import return_big_buffers
 from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
+from shared.reconcile import sweep
 from shared.registry import Registry
 from shared.runs import RunContext, tick
 from shared.schedules import Schedule, load_schedules
@@ -53,7 +56,7 @@ def _redis() -> redis.Redis:
 def _store() -> JobStore:
     s = get_settings()
     return JobStore(_redis(), result_ttl=s.RESULT_TTL, max_attempts=s.MAX_CHUNK_ATTEMPTS, stale_after=s.CHUNK_TIME_LIMIT * 2,
-                    max_refusals=s.MAX_CHUNK_REFUSALS)
+                    max_refusals=s.MAX_CHUNK_REFUSALS, blobs=open_chunk_store(s.CHUNK_STORE_URL))
 
 
 @lru_cache(maxsize=1)
@@ -158,7 +161,7 @@ def canary(name: str) -> None:
 
 
 @app.task(name=PROCESS_CHUNK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          autoretry_for=(redis.RedisError, SoftTimeLimitExceeded), retry_backoff=2, retry_jitter=True,
+          autoretry_for=(redis.RedisError, SoftTimeLimitExceeded, ChunkStoreUnavailable), retry_backoff=2, retry_jitter=True,
           max_retries=get_settings().MAX_CHUNK_ATTEMPTS + 2)
 def process_chunk(job_id: str, index: int) -> None:
     """Process one chunk of a job; duplicates and chunks of gone jobs are dropped by the store."""
@@ -173,8 +176,8 @@ def _process_chunk(job_id: str, index: int) -> None:
     try:
         outcome = run_chunk(_store(), _registry(), job_id, index, _send, compression=s.CHUNK_COMPRESSION,
                             max_predict_calls=s.BISECT_MAX_PREDICT_CALLS, worker=worker, reroute=_reroute)
-    except (redis.RedisError, SoftTimeLimitExceeded):
-        raise  # transient or too slow: retried, and the chunk's attempt counter bounds the retries
+    except (redis.RedisError, SoftTimeLimitExceeded, ChunkStoreUnavailable):
+        raise  # transient or too slow: retried (a chunk store failure does not use up the chunk's attempts)
     except Exception as e:  # noqa: BLE001 - a bug must fail this chunk's rows, not leave the job running forever
         log.exception("chunk failed", extra={"job_id": job_id, "chunk": index})
         outcome = fail_chunk(_store(), job_id, index, f"an internal error stopped this chunk ({type(e).__name__})",
@@ -187,9 +190,10 @@ def _process_chunk(job_id: str, index: int) -> None:
 
 @app.task(name=RECONCILE, ignore_result=True)
 def reconcile() -> None:
-    """Re-send chunks whose messages were lost, and fail jobs whose input stopped arriving."""
+    """Re-send chunks whose messages were lost, fail jobs whose input stopped arriving, sweep gone jobs' blobs."""
     s = get_settings()
     run_reconcile(_store(), _send, stale_after=s.STALE_CHUNK_SECONDS)
+    sweep(_store())
 
 
 @app.task(name=READ_SOURCE, acks_late=True, reject_on_worker_lost=True, ignore_result=True,

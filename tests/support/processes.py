@@ -748,3 +748,30 @@ class ApiServer(_ManagedProcess):
         if not self.running:
             return []
         return child_pids_of(self.pid)
+
+
+class MotoServer(_ManagedProcess):
+    """moto's S3-compatible server (``moto_server``, from the test extra) on a free loopback port."""
+
+    kind = "moto-server"
+
+    def __init__(self, log_dir: str | None = None) -> None:
+        super().__init__(log_dir, "moto.log")
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as resp:
+                return resp.status < 500
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def start(self) -> "MotoServer":
+        binary = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        self._launch([binary, "-H", "127.0.0.1", "-p", str(self.port)], env=None, cwd=None)
+        self._wait_ready(self._answers, timeout=API_READY_TIMEOUT, what=f"moto server on {self.url}")
+        return self
