@@ -1,10 +1,12 @@
 """One job across workers on two hosts: which host committed how many chunks and rows, and the wall time.
 
-    sudo .venv/bin/python bench/hosts.py [--rows N] [--chunk-size ROWS] [--concurrency N] [--keep]
+    sudo .venv/bin/python bench/hosts.py [--rows N] [--chunk-size ROWS] [--concurrency N] [--chunk-store redis|s3]
+                                         [--keep]
 
 Hosts are network namespaces on one bridge, built by tests/support/netns.py (so it needs root): Redis, the API
 and beat on host a; the Procfile's `worker` line on hosts b and c, each told only REDIS_URL (host a's address)
-and its own copy of the models. The CSV (bench/batch.py's hgb20 data: 20 features, HistGradientBoosting) is
+and its own copy of the models (with `--chunk-store s3`, also CHUNK_STORE_URL: a bucket of moto's S3-compatible
+server on host a, and its endpoint). The CSV (bench/batch.py's hgb20 data: 20 features, HistGradientBoosting) is
 uploaded to the API as a streamed multipart body; the job is polled to its end; each chunk's committing worker
 is read from Redis. Progress goes to stderr, the markdown table to stdout. See bench/README.md.
 """
@@ -39,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=25_000, help="rows per chunk, sent with the job")
     p.add_argument("--concurrency", type=int, default=1, help="WORKER_CONCURRENCY of each host's worker")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--chunk-store", choices=("redis", "s3"), default="redis",
+                   help="where chunk blobs go: Redis, or a bucket of moto's S3 server on host a (CHUNK_STORE_URL)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (data, models, logs)")
     return p.parse_args()
 
@@ -52,8 +56,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     rows = count_data_rows(data)
 
     settings = {"WORKER_CONCURRENCY": str(args.concurrency), "HEARTBEAT_INTERVAL": "1"}
-    with netns.Cluster(tmp / "cluster", str(models_a), settings, worker_hosts=WORKER_HOSTS) as cluster:
+    with netns.Cluster(tmp / "cluster", str(models_a), settings, worker_hosts=WORKER_HOSTS,
+                       chunk_store=args.chunk_store) as cluster:
         log(f"host a {cluster.host_a.address}: redis pid {cluster.redis.pid}, api {cluster.api.url}")
+        if cluster.moto is not None:
+            log(f"host a: moto pid {cluster.moto.pid} at {cluster.moto.url}, CHUNK_STORE_URL={cluster.chunk_store_url}")
         workers = {}
         for host in WORKER_HOSTS:
             copy = tmp / f"models-{host}"
@@ -82,16 +89,20 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         r = cluster.redis.client()
         committed = {int(k): v.decode() for k, v in r.hgetall(keys.committers(job_id)).items()}
         sizes = {int(k): int(v) for k, v in r.hgetall(keys.chunks(job_id)).items()}
+        redis_bytes = sum(r.memory_usage(k) or 0 for k in keys.all_job_keys(job_id) if r.exists(k))
         r.close()
+        objects = cluster.objects(job_id) if cluster.moto is not None else None
         return {"rows": rows, "job": job, "committed": committed, "sizes": sizes, "workers": workers,
-                "upload_s": accepted - body.first_byte_at, "wall_s": ended - body.first_byte_at}
+                "upload_s": accepted - body.first_byte_at, "wall_s": ended - body.first_byte_at,
+                "redis_bytes": redis_bytes, "objects": objects}
 
 
 def report(args: argparse.Namespace, out: dict) -> str:
     job, committed, sizes = out["job"], out["committed"], out["sizes"]
     lines = [f"{out['rows']:,} rows, chunk_size {args.chunk_size:,} ({len(sizes)} chunks), hgb20 (20 features), "
              f"the Procfile's worker with WORKER_CONCURRENCY={args.concurrency} on each of {len(out['workers'])} "
-             f"hosts; {os.cpu_count()} CPUs shared by every host.", "",
+             f"hosts; chunk blobs in {'Redis' if args.chunk_store == 'redis' else 'S3 (moto on host a)'}; "
+             f"{os.cpu_count()} CPUs shared by every host.", "",
              "| host | worker | chunks | rows | share of rows |", "|---|---|---:|---:|---:|"]
     for host, proc in out["workers"].items():
         mine = [i for i, name in committed.items() if name == proc.name]
@@ -102,7 +113,11 @@ def report(args: argparse.Namespace, out: dict) -> str:
     lines += ["", f"Job `{job['status']}`: {counts['succeeded']:,} succeeded, {counts['failed']} failed, "
               f"{counts['skipped']} skipped of {counts['total']:,}.",
               f"Wall time from the upload's first byte: {out['upload_s']:.1f} s to the 202, {out['wall_s']:.1f} s "
-              f"to `{job['status']}` ({out['rows'] / out['wall_s']:,.0f} rows/s)."]
+              f"to `{job['status']}` ({out['rows'] / out['wall_s']:,.0f} rows/s).",
+              f"The job's Redis keys at the end (MEMORY USAGE): {out['redis_bytes']:,} bytes."]
+    if out["objects"] is not None:
+        lines[-1] += (f" Its objects in the bucket: {len(out['objects'])}, "
+                      f"{sum(out['objects'].values()):,} bytes.")
     return "\n".join(lines)
 
 

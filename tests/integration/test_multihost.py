@@ -1,7 +1,9 @@
 """Workers on other hosts: Redis, the API and beat on host a; the Procfile's worker on hosts b and c.
 
 Hosts are network namespaces on one bridge (tests/support/netns.py), each with its own hostname, so each worker is
-`celery@<its host>`. A worker host knows only REDIS_URL (host a's address) and its own copy of the models.
+`celery@<its host>`. A worker host knows only REDIS_URL (host a's address) and its own copy of the models, and in
+the `s3_cluster` also CHUNK_STORE_URL: chunk blobs in a bucket of moto's S3-compatible server on host a, which the
+workers reach over the network as they reach Redis.
 """
 from __future__ import annotations
 
@@ -66,16 +68,34 @@ def install(models_dir: Path, estimator) -> Path:
     return models_dir
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def _cluster(tmp_path_factory: pytest.TempPathFactory, chunk_store: str):
     reason = netns.unavailable_reason()
     if reason:
         pytest.skip(f"cannot build separate hosts with network namespaces: {reason}")
-    root = tmp_path_factory.mktemp("hosts")
+    root = tmp_path_factory.mktemp(f"hosts-{chunk_store}")
     models_a = install(root / "models-a", classifier(seed=0))
     print(f"process logs under {root}")
-    with netns.Cluster(root, str(models_a), SETTINGS) as cluster:
+    return netns.Cluster(root, str(models_a), SETTINGS, chunk_store=chunk_store)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Chunk blobs in Redis."""
+    with _cluster(tmp_path_factory, "redis") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """Chunk blobs in a bucket of moto's S3 server on host a (CHUNK_STORE_URL for the API, beat and workers)."""
+    with _cluster(tmp_path_factory, "s3") as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["redis", "s3"])
+def any_cluster(request) -> netns.Cluster:
+    """The cluster whose chunk blobs are in Redis, then the one whose blobs are in S3."""
+    return request.getfixturevalue("cluster" if request.param == "redis" else "s3_cluster")
 
 
 @pytest.fixture(scope="module")
@@ -97,27 +117,34 @@ def host_models(cluster: netns.Cluster, host: str) -> str:
 
 
 @pytest.fixture
-def workers(cluster):
-    """Start Procfile workers on hosts (name -> models dir); at the end each is SIGKILLed by its process group and
-    taken out of the workers' report, as a clean stop would (so the next test's refusals see only its own workers)."""
-    started: list[netns.ProcfileProcess] = []
+def start_workers():
+    """Start Procfile workers on a cluster's hosts (name -> models dir); at the end each is SIGKILLed by its process
+    group and taken out of the workers' report, as a clean stop would (so the next test's refusals see only its own
+    workers)."""
+    started: list[tuple[netns.Cluster, netns.ProcfileProcess]] = []
 
-    def start(models: dict[str, str]) -> dict[str, netns.ProcfileProcess]:
+    def start(cluster: netns.Cluster, models: dict[str, str]) -> dict[str, netns.ProcfileProcess]:
         procs = {host: cluster.worker(host, models_dir) for host, models_dir in models.items()}
-        started.extend(procs.values())
+        started.extend((cluster, proc) for proc in procs.values())
         cluster.wait_consuming(list(procs.values()))
         return procs
 
     try:
         yield start
     finally:
-        r = cluster.redis.client()
-        try:
-            for proc in started:
-                cluster.stop_worker(proc)
+        for cluster, proc in started:
+            cluster.stop_worker(proc)
+            r = cluster.redis.client()
+            try:
                 forget(r, proc.name)
-        finally:
-            r.close()
+            finally:
+                r.close()
+
+
+@pytest.fixture
+def workers(cluster, start_workers):
+    """start_workers on the cluster whose chunk blobs are in Redis."""
+    return lambda models: start_workers(cluster, models)
 
 
 def submit(cluster: netns.Cluster, body, content_type: str) -> dict:
@@ -184,9 +211,49 @@ def test_a_job_runs_on_workers_of_two_hosts(cluster, workers, frame, csv_body):
         assert committed[name] >= by_worker[name]
 
 
-def test_a_worker_host_cut_off_mid_job_leaves_the_job_to_the_other(cluster, workers, frame, csv_body):
-    """Host b's link goes down after it committed chunks; host c finishes the job exactly, every later chunk its own."""
-    procs = workers({"b": host_models(cluster, "b"), "c": host_models(cluster, "c")})
+def test_a_job_runs_on_two_hosts_with_its_chunk_blobs_in_s3(s3_cluster, start_workers, frame, csv_body):
+    """Worker hosts told REDIS_URL, CHUNK_STORE_URL (a bucket on host a's S3 server) and their MODELS_DIR: both
+    commit chunks, the results are exact, Redis holds only names of blobs, and the objects last until DELETE."""
+    cluster = s3_cluster
+    procs = start_workers(cluster, {"b": host_models(cluster, "b"), "c": host_models(cluster, "c")})
+    job = submit(cluster, *upload(csv_body))
+    done = wait_done(cluster, job["id"])
+    assert_exact(cluster, done, frame)
+    chunks = -(-ROWS // CHUNK_ROWS)
+    by_worker = Counter(committers(cluster, job["id"]).values())
+    assert set(by_worker) == {procs["b"].name, procs["c"].name}, by_worker
+    assert sum(by_worker.values()) == chunks
+
+    # Every chunk's results are an object in the bucket; the inputs went as their chunks committed.
+    objects = cluster.objects(job["id"])
+    assert sorted(int(name.split("/")[1].split(".")[0]) for name in objects if name.startswith("results/")) \
+        == list(range(chunks)), sorted(objects)
+    assert not [name for name in objects if name.startswith("inputs/")]
+    blob_bytes = sum(size for name, size in objects.items() if name.startswith("results/"))
+    assert blob_bytes > ROWS  # compressed, still a few bytes a row: 15 KB or so a chunk
+
+    # Redis holds the names, not the bytes: each of the job's keys is small, all of them a sliver of the blobs.
+    r = cluster.redis.client()
+    try:
+        names = r.hvals(keys.results(job["id"]))
+        assert len(names) == chunks and all(n.decode().startswith(f"{job['id']}/results/") for n in names)
+        sizes = {k: r.memory_usage(k) or 0 for k in keys.all_job_keys(job["id"]) if r.exists(k)}
+        assert sizes[keys.results(job["id"])] < 100 * chunks, sizes  # a name per chunk, no chunk's bytes
+        assert sum(sizes.values()) < blob_bytes / 20, (sizes, blob_bytes)
+
+        response = requests.delete(f"{cluster.api.url}/v1/jobs/{job['id']}", headers=cluster.headers(), timeout=60)
+        assert response.status_code == 204, response.text
+        assert cluster.objects(job["id"]) == {}
+        assert not [k for k in keys.all_job_keys(job["id"]) if r.exists(k)]
+    finally:
+        r.close()
+
+
+def test_a_worker_host_cut_off_mid_job_leaves_the_job_to_the_other(any_cluster, start_workers, frame, csv_body):
+    """Host b's link goes down after it committed chunks; host c finishes the job exactly, every later chunk its own.
+    With blobs in S3 as well: b is cut from the bucket too, and c reads and writes every blob left."""
+    cluster = any_cluster
+    procs = start_workers(cluster, {"b": host_models(cluster, "b"), "c": host_models(cluster, "c")})
     b, c = procs["b"].name, procs["c"].name
     r = cluster.redis.client()
     known = set(r.zrange(keys.JOBS, 0, -1))

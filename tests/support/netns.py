@@ -12,7 +12,9 @@ process group it kills) is the process itself.
 
 :class:`Cluster` is the layout of the multi-host tests and ``bench/hosts.py``: Redis, the API and beat on host ``a``;
 workers started from the Procfile's ``worker`` line on the other hosts, each knowing only ``REDIS_URL`` (host a's
-address) and its own ``MODELS_DIR``.
+address) and its own ``MODELS_DIR``. With ``chunk_store="s3"`` host a runs moto's S3-compatible server too, and
+every process is also told ``CHUNK_STORE_URL`` (``s3://<bucket>/chunks``) and the endpoint and credentials boto
+reads (``AWS_ENDPOINT_URL``: host a's address), so chunk blobs go over the network to the bucket.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from shared import keys
 from tests.support.processes import (
     REPO_ROOT,
     ApiServer,
+    MotoServer,
     RedisServer,
     _ManagedProcess,
     wait_for,
@@ -279,6 +282,23 @@ class HostApi(ApiServer):
         return self.host.wrap(cmd)
 
 
+class HostMoto(MotoServer):
+    """moto's S3-compatible server listening on a host's address: the chunk store of the worker hosts."""
+
+    def __init__(self, host: Host, *, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self.host = host
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host.address}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index("-H") + 1] = self.host.address
+        return self.host.wrap(cmd)
+
+
 def host_env(redis_url: str, models_dir: str, extra: dict[str, str]) -> dict[str, str]:
     """All a Procfile process on a worker host is told: where Redis is, where its models are, and settings."""
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -347,15 +367,21 @@ def procfile_beat(host: Host, redis_url: str, models_dir: str, *, env: dict[str,
 
 @dataclass
 class Cluster:
-    """Redis, the API (with `keys` API keys) and beat on host `a`; workers added on the other hosts."""
+    """Redis, the API (with `keys` API keys) and beat on host `a`; workers added on the other hosts.
+
+    `chunk_store`: "redis" (blobs in Redis) or "s3" (moto on host a, and CHUNK_STORE_URL for every process).
+    """
 
     root: Path
     models_dir: str                      # host a's copy of the models
     settings: dict[str, str]             # for every process: timeouts and the like
     worker_hosts: tuple[str, ...] = ("b", "c")
     keys: dict[str, list[str]] = field(default_factory=lambda: {"admin": ["admin"], "team": ["jobs", "predict"]})
+    chunk_store: str = "redis"
+    bucket: str = "predq-chunks"
     network: Network = field(init=False)
     redis: HostRedis = field(init=False)
+    moto: HostMoto | None = field(init=False, default=None)
     api: HostApi = field(init=False)
     beat: ProcfileProcess = field(init=False)
     tokens: dict[str, str] = field(init=False)
@@ -380,6 +406,10 @@ class Cluster:
             self.redis = HostRedis(self.host_a, dir=self._dir("redis"))
             self.procs.append(self.redis)
             self.redis.start()
+            if self.chunk_store == "s3":
+                self._start_s3()
+            elif self.chunk_store != "redis":
+                raise ValueError(f"chunk_store must be 'redis' or 's3', not {self.chunk_store!r}")
             self.tokens = {name: f"pq_{name}_{os.urandom(12).hex()}" for name in self.keys}
             key_file = self.root / "keys.json"
             key_file.write_text(json.dumps({"keys": [
@@ -398,6 +428,36 @@ class Cluster:
             self.close()
             raise
         return self
+
+    def _start_s3(self) -> None:
+        """moto on host a, the bucket made, and every process's settings given the store and how to reach it."""
+        self.moto = HostMoto(self.host_a, log_dir=self._dir("moto"))
+        self.procs.append(self.moto)
+        self.moto.start()
+        self.s3().mkdir(self.bucket)
+        self.settings = {**self.settings, "CHUNK_STORE_URL": self.chunk_store_url,
+                         "AWS_ENDPOINT_URL": self.moto.url, "AWS_ACCESS_KEY_ID": "testing",
+                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    @property
+    def chunk_store_url(self) -> str | None:
+        return f"s3://{self.bucket}/chunks" if self.chunk_store == "s3" else None
+
+    def s3(self):
+        """A fresh s3fs filesystem on host a's moto (for this process: it reaches host a over the bridge)."""
+        import fsspec
+
+        assert self.moto is not None, "this cluster keeps its chunk blobs in Redis"
+        return fsspec.filesystem("s3", skip_instance_cache=True, endpoint_url=self.moto.url, key="testing",
+                                 secret="testing")
+
+    def objects(self, job_id: str) -> dict[str, int]:
+        """The objects of a job in the bucket, by name under `<job id>/`, with their sizes in bytes."""
+        base = f"{self.bucket}/chunks/{job_id}"
+        fs = self.s3()
+        if not fs.exists(base):
+            return {}
+        return {path[len(base) + 1:]: info["size"] for path, info in fs.find(base, detail=True).items()}
 
     def _dir(self, name: str) -> str:
         path = self.root / name

@@ -770,8 +770,10 @@ class MotoServer(_ManagedProcess):
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def command(self) -> list[str]:
+        return [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+
     def start(self) -> "MotoServer":
-        binary = os.path.join(os.path.dirname(sys.executable), "moto_server")
-        self._launch([binary, "-H", "127.0.0.1", "-p", str(self.port)], env=None, cwd=None)
+        self._launch(self.command(), env=None, cwd=None)
         self._wait_ready(self._answers, timeout=API_READY_TIMEOUT, what=f"moto server on {self.url}")
         return self
