@@ -75,7 +75,8 @@ def test_planted_bad_rows_are_reported_exactly(client, worker, fussy, make):
     """A 50,000-row file: every planted bad row is named with its code, every other row predicted exactly."""
     planted = make(N_ROWS)
     created = submit(client, planted, model="fussy", id_column="id", probabilities=True, chunk_size=7000)
-    assert created["status"] in ("queued", "running")
+    # The 202 may come after the workers finished (a slow API process, a fast worker): any state on the way is right.
+    assert created["status"] in ("queued", "running", "partially_succeeded")
     assert created["counts"]["total"] == N_ROWS
     job = wait_terminal(client, created["id"])
     assert_job_matches(client, job, planted, fussy)
