@@ -4,6 +4,7 @@ Everything runs in one `before_request` (refuse early) and one `after_request` (
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from typing import Any
@@ -64,6 +65,7 @@ def bearer_key(header: str | None) -> str | None:
     return key.strip() or None
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every request, of a few addresses
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import warnings
@@ -153,6 +154,7 @@ class Registry:
         self._scanned_at = 0.0
         self._loaded: dict[tuple[str, str], tuple[tuple[float, int], ModelVersion]] = {}
         self._refused: dict[tuple[str, str], tuple[float, int]] = {}
+        self._checked: dict[tuple[str, str], float] = {}  # when each loaded file's stamp was last read
 
     def scan(self) -> dict[str, list[str]]:
         """Model names and their versions in natural order, read from disk now."""
@@ -211,15 +213,18 @@ class Registry:
         return mv.describe(self.versions().get(mv.name, [mv.version]))
 
     def _load(self, name: str, version: str) -> ModelVersion | None:
+        key = (name, version)
+        cached = self._loaded.get(key)
+        if cached and time.monotonic() - self._checked.get(key, -math.inf) < self.rescan_seconds:
+            return cached[1]  # its file was looked at lately: a file replaced in place is seen within rescan_seconds
         directory = self.root / name / version
         try:
             st = (directory / MODEL_FILE).stat()
         except FileNotFoundError:
             return None
         stamp = (st.st_mtime, st.st_size)
-        key = (name, version)
-        cached = self._loaded.get(key)
         if cached and cached[0] == stamp:
+            self._checked[key] = time.monotonic()
             return cached[1]
         with self._lock:
             cached = self._loaded.get(key)
@@ -235,4 +240,5 @@ class Registry:
                 return None
             log.info("loaded model %s/%s sha256=%s", name, version, mv.sha256[:12])
             self._loaded[key] = (stamp, mv)
+            self._checked[key] = time.monotonic()
             return mv

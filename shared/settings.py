@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     CELERY_BROKER_URL: str | None = Field(None, description="Broker for task messages (redis:// or amqp://); "
                                                            "defaults to REDIS_URL.")
     MODELS_DIR: str = "./models"
-    MODEL_RESCAN_SECONDS: float = Field(2.0, ge=0, description="How often a process looks for new model versions.")
+    MODEL_RESCAN_SECONDS: float = Field(2.0, ge=0, description="How often a process looks for new model versions, and for model files changed in place.")
 
     SYNC_MAX_ROWS: int = Field(1000, ge=1)
     DEFAULT_MODEL: str | None = Field(None, description="Model of MLflow-style /invocations that name none.")
