@@ -3,7 +3,8 @@
 Pure functions over columns (pyarrow arrays or lists of JSON values), shared by the synchronous
 endpoint and the batch worker so that the two paths cannot disagree. The synchronous endpoint also has a
 shorter road for one JSON record of a numeric model (`record_plan`), proved equal to this one when a model
-is first used.
+is first used; for a linear model whose model.json sets `direct_predict`, that road may skip scikit-learn's
+per-call checks (`shared.direct`), again only once proved equal.
 """
 from __future__ import annotations
 
@@ -523,7 +524,7 @@ def _probe_rows(mv: ModelVersion) -> np.ndarray:
 
 
 def _check_rows(mv: ModelVersion, n: int) -> np.ndarray:
-    """Rows from 1e-4 to 1e4 in scale (small ones sit near a linear model's boundary), some with missing values."""
+    """Rows of every scale from 1e-4 to 1e4, some with missing values when the model allows them."""
     rng = np.random.default_rng(1)
     X = rng.standard_normal((n, len(mv.features))) * 10.0 ** rng.uniform(-4, 4, (n, 1))
     X = _typed(mv, X)
