@@ -3,11 +3,13 @@
 Pure functions over columns (pyarrow arrays or lists of JSON values), shared by the synchronous
 endpoint and the batch worker so that the two paths cannot disagree. The synchronous endpoint also has a
 shorter road for one JSON record of a numeric model (`record_plan`), proved equal to this one when a model
-is first used.
+is first used; for a linear model whose model.json sets `direct_predict`, that road may skip scikit-learn's
+per-call checks (`shared.direct`), again only once proved equal.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import warnings
@@ -24,7 +26,10 @@ import pyarrow.compute as pc
 import sklearn
 from sklearn.base import BaseEstimator
 
+from shared.direct import DirectLinear, Unsupported, direct_linear
 from shared.registry import Feature, ModelVersion
+
+log = logging.getLogger(__name__)
 
 OK, MISSING, INVALID_TYPE, INVALID_VALUE = 0, 1, 2, 3
 CODE_NAMES = {MISSING: "missing_feature", INVALID_TYPE: "invalid_type", INVALID_VALUE: "invalid_value"}
@@ -329,6 +334,7 @@ _FLOAT, _INT, _BOOL = 0, 1, 2
 _KINDS = {"float64": _FLOAT, "int64": _INT, "bool": _BOOL}
 _INF = math.inf
 _PROBE_ROWS = 64
+_CHECK_ROWS = 10_000
 
 
 @dataclass(eq=False)
@@ -345,6 +351,7 @@ class NumericRows:
     features: tuple[tuple[str, int], ...]
     allows_missing: bool
     order: str
+    direct: DirectLinear | None = None      # set once proved equal to `estimator` (model.json direct_predict)
 
     def row(self, record: Mapping[str, Any]) -> list[float] | None:
         """The record's values, or None when one is not plainly valid (then `validate` says exactly why)."""
@@ -379,6 +386,8 @@ class NumericRows:
 
     def call(self, X: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """predict (and predict_proba) on an array; warnings are not silenced here, the probe found none."""
+        if self.direct is not None:
+            return self.direct.call(X, probabilities)
         with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
             preds = np.asarray(self.estimator.predict(X))
             probas = np.asarray(self.estimator.predict_proba(X), dtype=np.float64) if probabilities else None
@@ -442,7 +451,39 @@ def _make_plan(mv: ModelVersion) -> RecordPlan:
     key = f"{mv.sha256}:{hashlib.sha256(features).hexdigest()[:16]}"
     probabilities = mv.task == "classification" and hasattr(mv.estimator, "predict_proba")
     labels = [str(c) for c in mv.classes or []]
-    return RecordPlan(key=key, probabilities=probabilities, labels=labels, numeric=_numeric_rows(mv, probabilities))
+    numeric = _numeric_rows(mv, probabilities)
+    if mv.direct_predict:
+        if numeric is None:
+            _keep_predict(mv, "its features are not all numeric or it does not take a plain array")
+        else:
+            numeric.direct = _proved_direct(mv, numeric, probabilities)
+    return RecordPlan(key=key, probabilities=probabilities, labels=labels, numeric=numeric)
+
+
+def _keep_predict(mv: ModelVersion, why: str) -> None:
+    log.warning("model %s/%s: direct_predict is set in model.json but %s; it keeps scikit-learn's predict",
+                mv.name, mv.version, why)
+
+
+def _proved_direct(mv: ModelVersion, rows: NumericRows, probabilities: bool) -> DirectLinear | None:
+    """The direct path of a linear model, if it gives predict's exact bits on the probe and check rows."""
+    try:
+        direct = direct_linear(mv.estimator)
+    except Unsupported as e:
+        _keep_predict(mv, str(e))
+        return None
+    X = np.vstack([_probe_rows(mv), _check_rows(mv, _CHECK_ROWS)]).tolist()
+    try:
+        expected = rows.call(rows.stack(X), probabilities)
+        got = direct.call(rows.stack(X), probabilities)
+    except Exception as e:  # noqa: BLE001 - a direct path that cannot take the check rows is not used
+        _keep_predict(mv, f"its direct path raised {type(e).__name__}: {str(e)[:200]}")
+        return None
+    for what, a, b in zip(("predict", "predict_proba"), expected, got):
+        if not _same(a, b):
+            _keep_predict(mv, f"its direct path differs from {what} on check rows")
+            return None
+    return direct
 
 
 def _numeric_rows(mv: ModelVersion, probabilities: bool) -> NumericRows | None:
@@ -475,16 +516,29 @@ def _numeric_rows(mv: ModelVersion, probabilities: bool) -> NumericRows | None:
 
 
 def _probe_rows(mv: ModelVersion) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((_PROBE_ROWS, len(mv.features)))
+    X = _typed(mv, np.random.default_rng(0).standard_normal((_PROBE_ROWS, len(mv.features))))
+    X[0] = 0.0
+    if mv.allows_missing:
+        X[1:_PROBE_ROWS:7, ::2] = np.nan
+    return X
+
+
+def _check_rows(mv: ModelVersion, n: int) -> np.ndarray:
+    """Rows of every scale from 1e-4 to 1e4, some with missing values when the model allows them."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((n, len(mv.features))) * 10.0 ** rng.uniform(-4, 4, (n, 1))
+    X = _typed(mv, X)
+    if mv.allows_missing:
+        X[::11, ::3] = np.nan
+    return X
+
+
+def _typed(mv: ModelVersion, X: np.ndarray) -> np.ndarray:
     for i, f in enumerate(mv.features):
         if f.dtype == "int64":
             X[:, i] = np.round(X[:, i] * 3)
         elif f.dtype == "bool":
             X[:, i] = X[:, i] > 0
-    X[0] = 0.0
-    if mv.allows_missing:
-        X[1:_PROBE_ROWS:7, ::2] = np.nan
     return X
 
 

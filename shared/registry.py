@@ -50,6 +50,7 @@ class ModelVersion:
     allows_missing: bool
     task: str
     classes: list | None
+    direct_predict: bool = False            # model.json opts in to the direct linear path of single predictions
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -96,6 +97,9 @@ def _parse_meta(path: Path) -> dict:
         cats = f.get("categories")
         features.append(Feature(str(f["name"]), dtype, tuple(map(str, cats)) if cats else None))
     meta["features"] = tuple(features)
+    direct = meta.get("direct_predict", False)
+    if not isinstance(direct, bool):
+        raise ValueError(f"{path}: field 'direct_predict' must be true or false, not {direct!r}")
     return meta
 
 
@@ -140,6 +144,7 @@ def load_version(name: str, version: str, directory: Path) -> ModelVersion:
         mv.allows_missing = bool(meta["allows_missing"])
     else:
         mv.allows_missing = _probe_allows_missing(estimator, features, mv.takes_frame)
+    mv.direct_predict = meta.get("direct_predict", False)
     return mv
 
 
