@@ -1,6 +1,6 @@
 """Single-prediction benchmark: predq next to the peer servers of /work/shared/bench-peers, in one run.
 
-    .venv/bin/python bench/sync.py [--cache] [--peers "flask bento mlflow1"] [--duration 10] [--rotate]
+    .venv/bin/python bench/sync.py [--cache] [--direct] [--peers "flask bento mlflow1"] [--duration 10] [--rotate]
                                    [--env NAME=VALUE ...] [--keep]
 
 The peers' model (`$MODEL_DIR/logreg.joblib`, made by the peers' setup.sh) is deployed into a temporary MODELS_DIR as
@@ -39,6 +39,7 @@ from tests.support.processes import RedisServer, free_port
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", "/work/shared/bench-peers"))
 MODEL_DIR = Path(os.environ.get("MODEL_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "predq-peers")))
 MODEL_NAME = "logreg"
+DIRECT_MODEL_NAME = "logreg_direct"  # the same file, with "direct_predict": true in its model.json
 CACHE_SIZE = 10_000  # as many entries as ROTATE=1 has distinct rows
 
 
@@ -46,16 +47,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def deploy(models_dir: Path) -> None:
-    """The peers' logreg pipeline as predq model `logreg`, version v1, with its features and sha256 recorded."""
+def deploy(models_dir: Path, name: str = "logreg", direct: bool = False) -> None:
+    """The peers' logreg pipeline as predq model `name`, version v1, with its features and sha256 recorded
+    (and `"direct_predict": true` in its model.json with `direct`)."""
     source = MODEL_DIR / "logreg.joblib"
     if not source.exists():
         raise SystemExit(f"{source} is missing: run {PEERS_DIR}/setup.sh first")
-    target = models_dir / MODEL_NAME / "v1"
+    target = models_dir / name / "v1"
     target.mkdir(parents=True)
     shutil.copyfile(source, target / MODEL_FILE)
     names = [str(n) for n in joblib.load(source).feature_names_in_]
     meta = {"features": [{"name": n, "dtype": "float64"} for n in names], "allows_missing": False}
+    if direct:
+        meta["direct_predict"] = True
     (target / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     record_sha256(target / MODEL_FILE)
 
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default="flask bento mlflow1",
                         help='peers of run_all.sh, in order (default "flask bento mlflow1"; "" for none)')
     parser.add_argument("--duration", type=int, default=10, help="seconds of each load phase (default 10)")
+    parser.add_argument("--direct", action="store_true",
+                        help='add a target whose model has "direct_predict": true in its model.json (cache off)')
     parser.add_argument("--rotate", action="store_true", help="ROTATE=1: 10,000 distinct rows in turn")
     parser.add_argument("--no-limits", action="store_true", help="skip the in-process limits")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -99,20 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models_dir = tmp / "models"
         deploy(models_dir)
+        deploy(models_dir, DIRECT_MODEL_NAME, direct=True)
         redis.start()
         body = MODEL_DIR / ("bodies_record.jsonl" if args.rotate else "body_record.json")
-        targets = [("predq: gunicorn gthread, micro-batching, cache off", {**extra, "PREDICTION_CACHE_SIZE": "0"})]
+        targets = [("predq: gunicorn gthread, micro-batching, cache off", MODEL_NAME,
+                    {**extra, "PREDICTION_CACHE_SIZE": "0"})]
+        if args.direct:
+            targets.append(('predq: same, model.json "direct_predict": true', DIRECT_MODEL_NAME,
+                            {**extra, "PREDICTION_CACHE_SIZE": "0"}))
         if args.cache:
-            targets.append((f"predq: same, PREDICTION_CACHE_SIZE={CACHE_SIZE}",
+            targets.append((f"predq: same, PREDICTION_CACHE_SIZE={CACHE_SIZE}", MODEL_NAME,
                             {**extra, "PREDICTION_CACHE_SIZE": str(CACHE_SIZE)}))
         command = [str(PEERS_DIR / "run_all.sh")]
         if not args.peers.strip():
             command.append("--no-peers")
         if args.no_limits:
             command.append("--no-limits")
-        for name, env in targets:
+        for name, model, env in targets:
             port = free_port()
-            url = f"http://127.0.0.1:{port}/v1/models/{MODEL_NAME}/predict"
+            url = f"http://127.0.0.1:{port}/v1/models/{model}/predict"
             command += ["--target", name, url, str(body), "--start", start_command(port, redis.url, models_dir, env)]
         run_env = {**os.environ, "PEERS": args.peers, "DURATION": str(args.duration), "OUT": str(tmp / "results"),
                    "ROTATE": "1" if args.rotate else "0", "MODEL_DIR": str(MODEL_DIR)}
