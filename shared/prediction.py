@@ -261,7 +261,9 @@ def _take(X: Any, idx: np.ndarray | slice) -> Any:
 def _call(mv: ModelVersion, X: Any, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
     with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("ignore")  # feature-name and convergence chatter is not the caller's concern
-        preds = np.asarray(mv.estimator.predict(X))
+        # predict gets its own copy when predict_proba follows: a step such as StandardScaler(copy=False) scales
+        # its input in place, and predict_proba must see the rows as they came.
+        preds = np.asarray(mv.estimator.predict(X.copy() if probabilities else X))
         probas = np.asarray(mv.estimator.predict_proba(X), dtype=np.float64) if probabilities else None
     if len(preds) != len(X):
         raise ValueError(f"the model returned {len(preds)} predictions for {len(X)} rows")
@@ -389,7 +391,7 @@ class NumericRows:
         if self.direct is not None:
             return self.direct.call(X, probabilities)
         with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-            preds = np.asarray(self.estimator.predict(X))
+            preds = np.asarray(self.estimator.predict(X.copy() if probabilities else X))  # as in _call
             probas = np.asarray(self.estimator.predict_proba(X), dtype=np.float64) if probabilities else None
         if len(preds) != len(X):
             raise ValueError(f"the model returned {len(preds)} predictions for {len(X)} rows")

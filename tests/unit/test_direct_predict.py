@@ -121,12 +121,23 @@ def test_model_without_direct_predict_keeps_predict(tmp_path):
     assert record_plan(mv).numeric.direct is None
 
 
-@pytest.mark.parametrize("estimator, why", [
-    (make_pipeline(MinMaxScaler(), LogisticRegression()), "MinMaxScaler"),
-    (make_pipeline(StandardScaler(copy=False), LogisticRegression()), "differs from predict_proba"),
+@pytest.mark.parametrize("estimator, why, off_by_one_ulp", [
+    (make_pipeline(MinMaxScaler(), LogisticRegression()), "MinMaxScaler", False),
+    (make_pipeline(StandardScaler(), LogisticRegression()), "differs from predict_proba", True),
 ])
-def test_unsupported_model_opted_in_keeps_predict_with_a_warning(tmp_path, caplog, estimator, why):
+def test_unsupported_model_opted_in_keeps_predict_with_a_warning(tmp_path, caplog, monkeypatch, estimator, why,
+                                                                   off_by_one_ulp):
     """A pipeline the direct path does not compute exactly keeps predict, and says so once, naming the model."""
+    if off_by_one_ulp:  # a direct path whose probabilities are one ulp off must be caught by the plan-time check
+        import shared.direct
+
+        exact = shared.direct.DirectLinear.call
+
+        def off(self, X, probabilities):
+            preds, probas = exact(self, X, probabilities)
+            return preds, (None if probas is None else np.nextafter(probas, 2.0))
+
+        monkeypatch.setattr(shared.direct.DirectLinear, "call", off)
     X = _train()
     mv = _deploy(tmp_path, "odd", estimator.fit(X, (X[:, 0] > 0.5).astype(int)))
     with caplog.at_level(logging.WARNING, logger="shared.prediction"):

@@ -148,3 +148,29 @@ def test_bisection_stops_at_the_call_cap(fussy):
     assert len(scored.positions) + len(scored.error_positions) == 256
     assert any("isolation stopped after 20" in m for m in scored.error_messages)
     assert set(range(0, 256, 2)) <= set(scored.error_positions.tolist())
+
+
+def test_a_step_that_changes_its_input_in_place_does_not_change_the_probabilities(tmp_path):
+    """StandardScaler(copy=False) scales the array it is given: predict_proba must still see the rows as sent."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from shared.prediction import record_plan
+
+    X = test_models.training_frame(2000, 5) * 10 + 3  # far from mean 0, scale 1: scaling twice shows
+    est = make_pipeline(StandardScaler(copy=False), LogisticRegression()).fit(X.copy(), (X["f0"] > 3).astype(int))
+    test_models.install(tmp_path, "inplace", est)
+    mv = load_version("inplace", "v1", tmp_path / "inplace" / "v1")
+    rows = test_models.training_frame(300, 6) * 10 + 3
+    expected = est.predict_proba(rows.copy())
+
+    scored = predict(mv, validate(mv, {c: rows[c].tolist() for c in rows.columns}, 300), probabilities=True)
+    np.testing.assert_allclose(scored.probabilities, expected, rtol=1e-12)
+    assert scored.predictions.tolist() == est.predict(rows.copy()).tolist()
+
+    plan = record_plan(mv)  # the single-prediction path (array or DataFrame, whichever the probe proved)
+    answers = plan.score(mv, [plan.numeric.row(r) if plan.numeric else plan.values(mv, r)
+                              for r in rows.to_dict(orient="records")], probabilities=True)
+    got = np.array([[p[k] for k in plan.labels] for _, p in answers])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
