@@ -291,9 +291,12 @@
 
   async function poll(entry) {
     entry.timer = null;
+    const version = entry.version;
+    let job;
     try {
-      entry.job = await apiJson(sameOrigin(entry.job.links.self));
+      job = await apiJson(sameOrigin(entry.job.links.self));
     } catch (error) {
+      if (entry.version !== version) return;  // a newer answer (a cancel) came first: it decides what follows
       if (error.status === 404) {  // deleted or expired: nothing more will change
         entry.row.querySelector(".job-error").textContent = error.message;
         return;
@@ -302,6 +305,8 @@
       schedulePoll(entry, error.retryAfter ? error.retryAfter * 1000 : RETRY_MS);
       return;
     }
+    if (entry.version !== version) return;  // sent before a cancel answered: older than what the page shows
+    entry.job = job;
     renderJob(entry);
     if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, pollDelay());
   }
@@ -312,7 +317,7 @@
       clearTimeout(previous.timer);
       previous.row.remove();
     }
-    const entry = {job, row: jobRow(job), timer: null};
+    const entry = {job, row: jobRow(job), timer: null, version: 0};  // version: bumped by each cancel's answer
     jobs.set(job.id, entry);
     const body = $("jobs").tBodies[0];
     if (first) body.prepend(entry.row); else body.append(entry.row);
@@ -338,6 +343,8 @@
     button.disabled = true;
     try {
       entry.job = await apiJson(sameOrigin(entry.job.links.self) + "/cancel", {method: "POST"});
+      entry.version += 1;  // a poll still in flight answers with the job as it was before the cancel
+      clearTimeout(entry.timer);
       renderJob(entry);
       if (!TERMINAL.has(entry.job.status)) schedulePoll(entry, pollDelay());
     } catch (error) {
