@@ -31,6 +31,28 @@ def encode(table: pa.Table, compression: str | None = "zstd", row_errors: list |
     return sink.getvalue().to_pybytes()
 
 
+class Compression:
+    """The codec for one job's chunks: the configured one while it pays, none once it does not.
+
+    The first chunk is compressed with `codec`; if it keeps more than `keep` of its size (random floats, say, or
+    text that is already compressed), the job's other chunks are stored uncompressed, which costs the API and
+    the workers no CPU for nothing.
+    """
+
+    def __init__(self, codec: str | None, keep: float = 0.8):
+        self.codec = None if codec in (None, "none") else codec
+        self.keep = keep
+        self._decided = self.codec is None
+
+    def observe(self, raw_bytes: int, stored_bytes: int) -> None:
+        """Judge the first compressed chunk by the bytes it had and the bytes it took."""
+        if self._decided:
+            return
+        self._decided = True
+        if raw_bytes > 0 and stored_bytes > self.keep * raw_bytes:
+            self.codec = None
+
+
 def decode(blob: bytes) -> tuple[pa.Table, list[tuple[int, str, str]]]:
     """The table and the row errors stored with it."""
     table = pa.ipc.open_stream(pa.py_buffer(blob)).read_all()

@@ -196,14 +196,18 @@ def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | 
     layout = {"columns": columns, "wanted": wanted,
               "floats": [f.name for f in mv.features if f.dtype in ("float64", "int64")]}
 
+    codec = blobs.Compression(compression)  # off for the rest of the job if the first chunk barely shrinks
+
     def emit(index: int, item: pa.Table | CsvPiece, row_errors: list) -> None:
         before_chunk()
         if isinstance(item, CsvPiece):
             blob, rows = blobs.encode_csv(item.data, {**layout, "base": item.base, "rows": item.rows},
-                                          compression), item.rows
+                                          codec.codec), item.rows
+            codec.observe(len(item.data), len(blob))
         else:
             table = narrow_numeric_text(item, mv)
-            blob, rows = blobs.encode(table, compression, row_errors), table.num_rows + len(row_errors)
+            blob, rows = blobs.encode(table, codec.codec, row_errors), table.num_rows + len(row_errors)
+            codec.observe(table.nbytes, len(blob))
         outcome, to_send = store.add_chunk(job_id, index, rows, blob)
         for next_index in to_send:
             send(job_id, next_index)

@@ -145,3 +145,63 @@ def test_background_emitter_keeps_order_and_raises_the_first_error():
             emitter(i, pa.table({"x": [i]}), [])
         emitter.close()
     emitter.abandon()
+
+
+def test_compression_stays_on_while_it_pays_and_stops_when_it_does_not():
+    """The first chunk decides: text that shrinks keeps the codec, random floats turn it off for the job."""
+    import numpy as np
+
+    kept = blobs.Compression("zstd")
+    kept.observe(1000, 400)
+    kept.observe(1000, 990)  # only the first chunk decides
+    assert kept.codec == "zstd"
+    dropped = blobs.Compression("zstd")
+    dropped.observe(1000, 900)
+    assert dropped.codec is None
+    assert blobs.Compression("none").codec is None
+
+    floats = pa.table({"x": np.random.default_rng(0).standard_normal(25_000)})
+    compressed = blobs.encode(floats, "zstd")
+    assert len(compressed) > 0.8 * floats.nbytes  # what makes a float chunk not worth compressing
+    repeated = pa.table({"x": np.zeros(25_000)})
+    assert len(blobs.encode(repeated, "zstd")) < 0.1 * repeated.nbytes
+
+
+def test_a_job_of_random_floats_stores_its_chunks_uncompressed_after_the_first(tmp_path, monkeypatch):
+    """store_chunks: the codec each chunk is encoded with, for incompressible and for compressible rows."""
+    import fakeredis
+    import numpy as np
+
+    from shared import ingest
+    from shared.jobs import JobOptions, JobStore
+    from shared.registry import Registry
+    from tests.support import models as test_models
+
+    test_models.install_test_models(tmp_path)
+    mv = Registry(tmp_path).get("fussy")
+    store = JobStore(fakeredis.FakeRedis(), result_ttl=3600)
+    used: list[str | None] = []
+    encode = blobs.encode
+
+    def recording(table, compression=None, row_errors=None):
+        used.append(compression)
+        return encode(table, compression, row_errors)
+
+    monkeypatch.setattr(blobs, "encode", recording)
+    names = [f.name for f in mv.features]
+    for values, expected in ((lambda rng, n: rng.standard_normal(n), [None] * 3),
+                             (lambda rng, n: np.round(rng.standard_normal(n)), ["zstd"] * 3)):
+        used.clear()
+        rng = np.random.default_rng(1)
+        job_id = store.create(model="fussy", version="v1", sha256=mv.sha256, options=JobOptions(), metadata={},
+                              source_format="parquet", window=16)
+        batches = [Batch(pa.table({**{c: values(rng, 1000) for c in names},
+                                   blobs.ROW: pa.array(range(k * 1000, (k + 1) * 1000), type=pa.int64())}), [])
+                   for k in range(4)]
+        first, rest = ingest.first_batch(iter(batches))
+        ingest.store_chunks(store, job_id, mv, first, rest, columns=names, wanted=names, chunk_rows=1000,
+                            compression="zstd", send=lambda *_: None)
+        assert used == ["zstd"] + expected
+        for k in range(4):  # every chunk reads back whatever it was stored with
+            table, _ = blobs.decode(store.input_blob(job_id, k))
+            assert table.num_rows == 1000
