@@ -11,7 +11,8 @@ from api.models import serving
 from api.parsing import parse_bool
 from api.responses import json_response
 from api.services import services
-from shared.errors import PredqError
+from shared.broker import unreachable
+from shared.errors import ChunkStoreUnavailable, PredqError
 from shared.workers import worker_states
 
 bp = Blueprint("health", __name__)
@@ -29,7 +30,8 @@ def healthz() -> Response:
            params=[query("workers", {"type": "boolean"}, "Also require a worker that proved it is consuming.")],
            responses={200: schemas.Readiness, 400: None, 503: schemas.Readiness})
 def readyz() -> Response:
-    """Redis answers and the models load; workers are reported (consuming when their canary ran lately), required with workers=true."""
+    """Redis, the broker and the chunk store answer (the last two when set apart), and the models load; workers are
+    reported (consuming when their canary ran lately), required with workers=true."""
     svc = services()
     need_workers = parse_bool("workers", request.args.get("workers"))
     checks: dict = {}
@@ -53,12 +55,30 @@ def readyz() -> Response:
     checks["models"] = {"ok": not unloadable, "deployed": len(names), "loaded": len(names) - len(unloadable)}
     if unloadable:
         checks["models"]["message"] = f"cannot load: {', '.join(unloadable)}"
+    ready &= _check_job_paths(svc, checks)
     consuming = [w for w in states if w.status == "consuming"]
     checks["workers"] = {"ok": bool(consuming), "consuming": len(consuming), "required": need_workers,
                          "workers": [w.to_dict() for w in states]}
     if need_workers:
         ready &= bool(consuming)
     return json_response({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+
+
+def _check_job_paths(svc, checks: dict) -> bool:
+    """The broker (when it is not the state Redis) and the chunk store (when one is set): jobs need both."""
+    ok = True
+    if svc.settings.broker_url != svc.settings.REDIS_URL:
+        problem = unreachable(svc.celery)
+        checks["broker"] = {"ok": problem is None, **({"message": problem} if problem else {})}
+        ok &= problem is None
+    if svc.settings.CHUNK_STORE_URL:
+        try:
+            svc.store.blobs.check()
+            checks["chunk_store"] = {"ok": True}
+        except ChunkStoreUnavailable as e:
+            checks["chunk_store"] = {"ok": False, "message": e.message}
+            ok = False
+    return ok
 
 
 @bp.get("/metrics")

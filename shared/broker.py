@@ -68,6 +68,18 @@ def queue_length(app: Celery, name: str) -> float:
             return math.nan
 
 
+def unreachable(app: Celery) -> str | None:
+    """Why the app's broker cannot be reached now (one try, the transport's connect timeout), or None."""
+    from kombu.exceptions import OperationalError
+
+    with app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=0)
+        except (OperationalError, *conn.connection_errors) as e:
+            return f"the broker at {conn.as_uri()} does not answer: {type(e).__name__}"
+    return None
+
+
 def delete_queue(app: Celery, name: str) -> None:
     """Delete a queue of the app's broker, with whatever messages are still in it."""
     with app.connection_for_write() as conn:

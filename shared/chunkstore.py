@@ -8,6 +8,7 @@ names, and the bytes go to the store. Every blob of a job lies under `<job id>/`
 from __future__ import annotations
 
 import os
+import socket
 import re
 from collections.abc import Iterable
 from typing import Protocol
@@ -38,6 +39,9 @@ class ChunkStore(Protocol):
     def job_ids(self) -> list[str]:
         """Ids of the jobs that have blobs in the store."""
 
+    def check(self) -> None:
+        """Raise ChunkStoreUnavailable unless a blob can be written and read back now."""
+
 
 class RedisBlobs:
     """Blobs kept in the job's Redis hashes: the value is the blob, and the hashes' own deletion removes it."""
@@ -59,6 +63,9 @@ class RedisBlobs:
 
     def job_ids(self) -> list[str]:
         return []
+
+    def check(self) -> None:
+        pass  # Redis itself: readiness checks it
 
 
 class FsspecBlobs:
@@ -150,6 +157,13 @@ class FsspecBlobs:
             raise self._unavailable(f"deleting the blobs of {job_id}", e) from e
         if not self.local:
             self.fs.invalidate_cache(path)
+
+    def check(self) -> None:
+        """Write a small object and read it back (ChunkStoreUnavailable when either fails): what every job needs."""
+        name = f".predq-ready/{socket.gethostname()}-{os.getpid()}"  # not a job id: the sweep leaves it alone
+        probe = os.urandom(8)
+        if self.get(self.put(name, probe)) != probe:
+            raise ChunkStoreUnavailable(f"The chunk store {self.url} gave back other bytes than were written.")
 
     def job_ids(self) -> list[str]:
         try:
