@@ -9,12 +9,12 @@ import ipaddress
 import logging
 from typing import Any
 
-import redis
 from flask import Flask, Response, g, request
 
 from shared.auth import ADMIN, ANONYMOUS, JOBS, PREDICT, KeyRing, Principal, load_keys
 from shared.errors import AuthNotConfigured, Forbidden, RateLimited, Unauthorized
 from shared.ratelimit import RateLimiter
+from shared.redisio import connect
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     limiter = None
     if ring is not None and settings.RATE_LIMIT_PER_MINUTE > 0:
         # Its own short timeouts: a slow Redis must not hold up predictions, which otherwise never touch it.
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        client = connect(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
         limiter = RateLimiter(client, settings.RATE_LIMIT_PER_MINUTE)
     gate = Gate(settings, ring, limiter)
     app.extensions["predq.auth"] = gate

@@ -15,6 +15,7 @@ from shared.dispatch import make_celery, send_read
 from shared.durability import Durability
 from shared.idempotency import IdempotencyKeys
 from shared.jobs import JobStore
+from shared.redisio import connect
 from shared.registry import Registry
 from shared.runs import RunContext
 from shared.schedules import Schedule, load_schedules
@@ -40,7 +41,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=2,
+        client = connect(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=2,
                                       health_check_interval=30)
         return cls(
             settings=settings,

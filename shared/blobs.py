@@ -18,28 +18,46 @@ def json_mixed_columns(schema: pa.Schema) -> frozenset[str]:
     return frozenset(raw.decode().split(",")) if raw else frozenset()
 
 
-def encode(table: pa.Table, compression: str | None = "zstd", row_errors: list | None = None) -> bytes:
-    """Serialise a table (and the row errors found while reading it) to one compressed blob."""
+def encode(table: pa.Table, compression: str | None = "zstd", row_errors: list | None = None) -> memoryview:
+    """Serialise a table (and the row errors found while reading it) to one compressed blob.
+
+    The blob is a view of Arrow's buffer, which Redis clients send as it is: a copy into a bytes object would
+    touch every page of a new multi-megabyte allocation. Uncompressed, the stream's size is known before it is
+    written, so it is written once into a buffer of that size rather than into one that grows.
+    """
     if row_errors:
         meta = dict(table.schema.metadata or {})
         meta[_PRE_ERRORS] = json.dumps([list(e) for e in row_errors]).encode()
         table = table.replace_schema_metadata(meta)
-    options = pa.ipc.IpcWriteOptions(compression=None if compression in (None, "none") else compression)
+    codec = None if compression in (None, "none") else compression
+    options = pa.ipc.IpcWriteOptions(compression=codec)
+    if codec is None:
+        size = pa.MockOutputStream()
+        _write(size, table, options)
+        buffer = pa.allocate_buffer(size.size())
+        _write(pa.FixedSizeBufferWriter(buffer), table, options)
+        return memoryview(buffer).cast("B")
     sink = pa.BufferOutputStream()
+    _write(sink, table, options)
+    return memoryview(sink.getvalue()).cast("B")
+
+
+def _write(sink: pa.NativeFile, table: pa.Table, options: pa.ipc.IpcWriteOptions) -> None:
     with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 class Compression:
     """The codec for one job's chunks: the configured one while it pays, none once it does not.
 
-    The first chunk is compressed with `codec`; if it keeps more than `keep` of its size (random floats, say, or
-    text that is already compressed), the job's other chunks are stored uncompressed, which costs the API and
-    the workers no CPU for nothing.
+    The first chunk is compressed with `codec`; if it keeps more than `keep` of its size, the job's other chunks
+    are stored uncompressed. A chunk's input stays in the store only until the chunk commits, and compressing it
+    takes the cores the model needs: CSV text (zstd keeps 0.42 of it) pays; binary floats (0.69 for values of six
+    significant digits, 0.98 for random ones) do not, as zstd costs the API about 0.5 CPU-seconds per 1M rows
+    of 20 floats, a fifth of what the model's predictions cost.
     """
 
-    def __init__(self, codec: str | None, keep: float = 0.8):
+    def __init__(self, codec: str | None, keep: float = 0.6):
         self.codec = None if codec in (None, "none") else codec
         self.keep = keep
         self._decided = self.codec is None

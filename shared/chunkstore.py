@@ -21,7 +21,7 @@ _JOB_ID = re.compile(r"^job_[0-9a-z]{26}$")
 
 
 class ChunkStore(Protocol):
-    def put(self, name: str, data: bytes) -> bytes:
+    def put(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         """Store a blob under `name`; returns the value the job's Redis hash keeps for it."""
 
     def get(self, ref: bytes) -> bytes:
@@ -46,7 +46,7 @@ class ChunkStore(Protocol):
 class RedisBlobs:
     """Blobs kept in the job's Redis hashes: the value is the blob, and the hashes' own deletion removes it."""
 
-    def put(self, name: str, data: bytes) -> bytes:
+    def put(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         return data
 
     def get(self, ref: bytes) -> bytes:
@@ -95,7 +95,7 @@ class FsspecBlobs:
     def _unavailable(self, doing: str, e: Exception) -> ChunkStoreUnavailable:
         return ChunkStoreUnavailable(f"The chunk store {self.url} failed while {doing}: {type(e).__name__}: {e}")
 
-    def put(self, name: str, data: bytes) -> bytes:
+    def put(self, name: str, data: bytes | memoryview) -> bytes | memoryview:
         path = self._path(name)
         try:
             if self.local:
@@ -107,7 +107,7 @@ class FsspecBlobs:
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             else:
-                self.fs.pipe_file(path, data)
+                self.fs.pipe_file(path, bytes(data))
         except Exception as e:  # noqa: BLE001 - any failure of the store (network, permission, bucket) is one error
             raise self._unavailable(f"writing {name}", e) from e
         return name.encode()

@@ -37,6 +37,7 @@ from shared.memory import return_big_buffers
 from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
 from shared.reconcile import sweep
+from shared.redisio import connect
 from shared.registry import Registry
 from shared.runs import RunContext, tick
 from shared.schedules import Schedule, load_schedules
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=1)
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().REDIS_URL)
+    return connect(get_settings().REDIS_URL)
 
 
 @lru_cache(maxsize=1)
@@ -101,6 +102,13 @@ def _run_context() -> RunContext:
                       send_read=lambda job_id: send_read(app, job_id), result_ttl=s.RESULT_TTL)
 
 
+@signals.worker_init.connect
+def _load_models(**_: object) -> None:
+    """Load every model's newest version before the pool forks: each pool process starts with them all, and a
+    job's first chunks do not wait for a model file to be read (and its code imported) in every process."""
+    _registry().load_all()
+
+
 @signals.worker_process_init.connect
 def _one_thread_per_process(**_: object) -> None:
     # Pool processes share the cores; native thread pools in each would oversubscribe them.
@@ -126,7 +134,7 @@ def _start_heartbeat(sender=None, **_: object) -> None:
     s = get_settings()
 
     def beat() -> None:
-        client = redis.Redis.from_url(s.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+        client = connect(s.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
         while not _leaving.is_set():
             try:
                 record_heartbeat(client, name)

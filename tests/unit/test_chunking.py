@@ -148,7 +148,7 @@ def test_background_emitter_keeps_order_and_raises_the_first_error():
 
 
 def test_compression_stays_on_while_it_pays_and_stops_when_it_does_not():
-    """The first chunk decides: text that shrinks keeps the codec, random floats turn it off for the job."""
+    """The first chunk decides: text that shrinks keeps the codec, binary floats turn it off for the job."""
     import numpy as np
 
     kept = blobs.Compression("zstd")
@@ -158,6 +158,9 @@ def test_compression_stays_on_while_it_pays_and_stops_when_it_does_not():
     dropped = blobs.Compression("zstd")
     dropped.observe(1000, 900)
     assert dropped.codec is None
+    floats_of_six_digits = blobs.Compression("zstd")
+    floats_of_six_digits.observe(1000, 690)
+    assert floats_of_six_digits.codec is None
     assert blobs.Compression("none").codec is None
 
     floats = pa.table({"x": np.random.default_rng(0).standard_normal(25_000)})
