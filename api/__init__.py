@@ -7,7 +7,6 @@ from typing import Any
 from flask import Flask
 
 from shared.logs import configure_logging
-from shared.memory import return_big_buffers
 from shared.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +20,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     settings = load_settings(config)
     configure_logging(settings.LOG_LEVEL)
-    return_big_buffers()
     for warning in settings.warnings():
         log.warning(warning)
     app = Flask(__name__)

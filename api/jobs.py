@@ -40,6 +40,7 @@ from shared.errors import (
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
 from shared.ingest import check_columns, chunk_rows_for, first_batch, store_chunks
 from shared.jobs import TERMINAL, Job, JobOptions, Status
+from shared.memory import release_freed_memory
 from shared.readers import Batch, CsvPiece, Limits, detect_format, open_reader, records_batches
 from shared.registry import ModelVersion
 from shared.runs import create_source_job
@@ -242,6 +243,8 @@ def create_job() -> Response:
         if claim is not None and claim.acquired:
             svc.idempotency.release(claim)
         raise
+    finally:
+        release_freed_memory()  # the upload's buffers, so that they are not kept resident until the next one
     if claim is not None and claim.acquired:
         svc.idempotency.complete(claim, fingerprint, job.id)
     if created:
@@ -302,6 +305,14 @@ def _tables(job: Job, kind: str) -> Iterator[pa.Table]:
         yield table
 
 
+def _then_release(body: Iterator[bytes]) -> Iterator[bytes]:
+    """The body's pieces; once it is sent (or the client left), the memory its buffers took goes back."""
+    try:
+        yield from body
+    finally:
+        release_freed_memory()
+
+
 def _download(job_id: str, kind: str, formats: tuple[str, ...]) -> Response:
     fmt = request.args.get("format", "jsonl")
     if fmt not in formats:
@@ -320,7 +331,7 @@ def _download(job_id: str, kind: str, formats: tuple[str, ...]) -> Response:
     tables = _tables(job, kind)
     first = next(tables, None)  # a failing chunk store answers 503 here, before the response has begun
     body = writers.stream(fmt, itertools.chain([first] if first is not None else [], tables), empty)
-    return Response(stream_with_context(body), mimetype=writers.MEDIA_TYPES[fmt], headers={
+    return Response(stream_with_context(_then_release(body)), mimetype=writers.MEDIA_TYPES[fmt], headers={
         "Content-Disposition": f'attachment; filename="{job_id}-{kind}.{fmt}"'})
 
 

@@ -33,7 +33,7 @@ from shared.ingest import chunk_rows_for
 from shared.ingest import read_source as run_read_source
 from shared.jobs import TERMINAL, JobStore
 from shared.logs import log_context
-from shared.memory import return_big_buffers
+from shared.memory import release_freed_memory
 from shared.outputs import write_run_output
 from shared.reconcile import reconcile as run_reconcile
 from shared.reconcile import sweep
@@ -113,7 +113,6 @@ def _load_models(**_: object) -> None:
 def _one_thread_per_process(**_: object) -> None:
     # Pool processes share the cores; native thread pools in each would oversubscribe them.
     threadpool_limits(1)
-    return_big_buffers()
     _redis.cache_clear()
     _store.cache_clear()
     _durability.cache_clear()
@@ -192,6 +191,7 @@ def _process_chunk(job_id: str, index: int) -> None:
                              _send, s.CHUNK_COMPRESSION, worker=worker, started=started)
     if outcome in TERMINAL:
         _finished(job_id)
+    release_freed_memory()  # what the chunk's buffers took; within the chunk, glibc reused them with no page faults
     log.info("chunk committed", extra={"job_id": job_id, "chunk": index, "outcome": outcome,
                                        "seconds": round(time.perf_counter() - started, 3)})
 
