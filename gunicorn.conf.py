@@ -6,17 +6,21 @@
   4094 bytes by default; more than `limit_request_fields` header fields, 100, or one over
   `limit_request_field_size`, 8190 bytes; a request that is not HTTP), get the contract's JSON error body instead
   of gunicorn's HTML page.
+* With `--reuse-port` (the Procfile's web line) a second server would bind the same port too and silently take
+  part of the connections: gunicorn refuses to start when something already listens on a port it is to bind.
 * Its worker processes share one PROMETHEUS_MULTIPROC_DIR, so that /metrics on any of them counts the requests of
   all: a fresh temporary directory when the variable is unset, else the directory it names, emptied at start
   (counts left from an earlier run would be added to this one's).
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 
 import orjson
@@ -68,7 +72,35 @@ def on_starting(server):
         server.log.error("auth: %s", e)
         raise RuntimeError(f"predq: {e}") from None  # gunicorn prints it too, and exits with status 1
     server.log.info(line)
+    _refuse_taken_ports(server)
     _share_metrics(server)
+
+
+def _refuse_taken_ports(server) -> None:
+    """Stop before serving when another process listens on a TCP address this server is to bind.
+
+    The probe binds as gunicorn does but without SO_REUSEPORT: Linux then refuses it only for a listening socket
+    (SO_REUSEADDR lets it past connections of a server just stopped). Sockets handed over by a re-executed master
+    or by systemd are this server's own and are not probed.
+    """
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple) or not address[1]:
+            continue  # a unix socket, or port 0
+        host, port = address[0], address[1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    continue  # gunicorn's own bind reports anything else
+                message = (f"{host}:{port} is already in use by another server (another predq?): stop it, or "
+                           "choose another PORT")
+                server.log.error("bind: %s", message)
+                raise RuntimeError(f"predq: {message}") from None
 
 
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"

@@ -10,7 +10,7 @@ import pytest
 
 from api import create_app
 from tests.support import data
-from tests.support.processes import REPO_ROOT, CeleryWorker, RedisServer, wait_for
+from tests.support.processes import REPO_ROOT, ApiServer, CeleryWorker, RedisServer, wait_for
 
 FAST_BEATS = {"HEARTBEAT_INTERVAL": "0.5", "WORKER_STALE_SECONDS": "3"}
 ROW = {"f0": 1.0, "f1": 2.0, "f2": 3.0, "f3": 4.0, "f4": 5.0}
@@ -108,3 +108,37 @@ def test_a_small_job_is_not_stuck_behind_a_large_one(client, worker):
     assert big_now["status"] == "running", "the large job should still be running when the small one is done"
     assert big_now["counts"]["succeeded"] + big_now["counts"]["failed"] < 200_000
     wait_for(lambda: finished(big["id"]), timeout=300, what="the large job")
+
+
+class _ReusePortApiServer(ApiServer):
+    """The API as the Procfile runs it, with --reuse-port, on a port chosen by the test."""
+
+    def __init__(self, *args, port: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if port is not None:
+            self.port = port
+
+    def command(self) -> list[str]:
+        command = super().command()
+        return [*command[:-1], "--reuse-port", command[-1]]
+
+    def launch(self) -> None:
+        """Start without waiting for /healthz: on a shared port, another server may be the one to answer it."""
+        self._launch(self.command(), env=self.environment(), cwd=self.cwd)
+
+
+def test_a_second_server_on_a_taken_port_refuses_to_start(private_redis, models_dir, tmp_path):
+    """With --reuse-port the kernel would let a second server share the port: it stops, naming the port."""
+    first = _ReusePortApiServer(private_redis.url, models_dir=models_dir, log_dir=str(tmp_path / "first"))
+    second = _ReusePortApiServer(private_redis.url, models_dir=models_dir, log_dir=str(tmp_path / "second"),
+                                 port=first.port)
+    try:
+        first.start()
+        second.launch()
+        wait_for(lambda: not second.running, timeout=60, what="the second server to exit")
+        assert second.returncode == 1
+        assert f"127.0.0.1:{first.port} is already in use by another server" in second.log()
+        assert first.running
+    finally:
+        second.cleanup()
+        first.cleanup()
