@@ -3,11 +3,14 @@
 Most of the time of a single prediction went to Flask's request handling (contexts, routing, hooks, Response
 objects), not to the model. `FastPredict` sits in front of the Flask app and answers the common case itself, with
 the same code as the Flask route for each step: the key check (`Gate`), the prediction (`score_record`), the
-bodies of answers and errors, the response headers and the request metrics. It takes a request only when it can
-serve it: method POST, a plain model name, a JSON content type, no Content-Encoding, a Content-Length within the
-limits, a plain query string, a body that parses to an object, a model that exists. Anything else goes to Flask
-unchanged, with the body it read put back. The only step that changes state before the prediction, a key's
-rate-limit hit, comes after all of those checks; from there on it answers errors itself, as Flask would.
+bodies of answers and errors, the response headers, the error logs and the request metrics.
+
+It takes a request whose line and headers are of that kind: method POST, a plain model name, a JSON content type,
+no Content-Encoding, a Content-Length within the limits, a plain query string. Anything else goes to Flask as it
+came. As in Flask, the key comes first: a request without a valid key (or off loopback without keys) is refused
+before its body is read. Then a body that does not parse to an object, an option that does not parse or a model
+that does not exist sends the request to Flask, with the body it read put back. Nothing has changed state until
+then; the key's rate-limit hit comes next, and from there on the fast path answers errors itself, as Flask would.
 """
 from __future__ import annotations
 
