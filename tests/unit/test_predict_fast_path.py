@@ -178,8 +178,8 @@ def keys_file(tmp_path_factory) -> str:
 
 def make_app(models_dir: Path, settings: dict, fast: bool) -> Flask:
     app = create_app({"REDIS_URL": DEAD_REDIS, "MODELS_DIR": str(models_dir), "MODEL_RESCAN_SECONDS": 0,
-                      "RATE_LIMIT_PER_MINUTE": 0, "MAX_JSON_BYTES": MAX_JSON_BYTES, "PREDICT_FAST_PATH": "on" if fast else "off",
-                      **settings})
+                      "RATE_LIMIT_PER_MINUTE": 0, "MAX_JSON_BYTES": MAX_JSON_BYTES,
+                      "PREDICT_FAST_PATH": "on" if fast else "off", **settings})
     gate = app.extensions["predq.auth"]
     if gate.ring is not None:
         client = fakeredis.FakeRedis()
