@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app; settings come from the environment, overridden by `config`."""
     from api import auth, errors, health, jobs, metrics, mlflow, models, oip, openapi, schedules, web
+    from api.fastpath import FastPredict
     from api.parsing import refuse_encoded_bodies
     from api.services import Services
 
@@ -35,4 +36,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     for bp in (health.bp, models.bp, jobs.bp, schedules.bp, mlflow.bp, oip.bp, openapi.bp, web.bp):
         app.register_blueprint(bp)
     errors.register_error_handlers(app)
+    if settings.PREDICT_FAST_PATH == "on":
+        app.wsgi_app = FastPredict(app, app.wsgi_app)  # type: ignore[method-assign]
     return app

@@ -111,8 +111,8 @@ class Gate:
             return f"auth: API keys required ({len(self.ring)} configured; {limit})"
         return "auth: no API keys configured; only requests that reach a loopback address are served"
 
-    def _allowed_origin(self) -> str | None:
-        origin = request.headers.get("Origin")
+    def allowed_origin(self, origin: str | None) -> str | None:
+        """What Access-Control-Allow-Origin answers to a request's Origin header (None: no CORS header)."""
         if not origin or not self.cors:
             return None
         if "*" in self.cors:
@@ -120,57 +120,82 @@ class Gate:
         return origin if origin.rstrip("/") in self.cors else None
 
     def check(self) -> Response | None:
+        """Flask's `before_request`: a CORS preflight's answer, or the request's principal in `g` (or a refusal)."""
         if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
-                and self._allowed_origin()):
+                and self.allowed_origin(request.headers.get("Origin"))):
             # A browser's preflight carries no credentials; the real request that follows does.
             return Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, DELETE",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type, Idempotency-Key",
                 "Access-Control-Max-Age": "600"})
         rule = request.url_rule
-        scope = required_scope(rule.rule) if rule is not None else (
-            None if request.path in OPEN_PATHS else ANY_KEY)
+        found = self.identify(request.environ, request.method, request.path, rule.rule if rule is not None else None)
+        if found is not None:
+            g.principal = found[0]
+            self.admit(*found, request.method, rule.rule if rule is not None else request.path)
+        return None
+
+    def identify(self, environ: dict[str, Any], method: str, path: str,
+                 rule: str | None) -> tuple[Principal, str] | None:
+        """Who a request acts for and the scope its route (`rule`; None: no route matched) needs; None: open route.
+
+        Counts nothing. Raises the refusals that come first: a service without keys reached off loopback (403),
+        no key or an unknown one (401).
+        """
+        scope = required_scope(rule) if rule is not None else (None if path in OPEN_PATHS else ANY_KEY)
         if scope is None:
             return None
         if self.ring is None:
-            if not self.auth_off and not arrived_on_loopback(request.environ):
+            if not self.auth_off and not arrived_on_loopback(environ):
                 raise AuthNotConfigured(
                     "This service has no API keys and serves only requests to a loopback address; its operator "
                     "must set API_KEYS_FILE (or AUTH=off behind an authenticating proxy).")
-            g.principal = ANONYMOUS
-            return None
-        presented = bearer_key(request.headers.get("Authorization"))
+            return ANONYMOUS, scope
+        presented = bearer_key(environ.get("HTTP_AUTHORIZATION"))
         if presented is None:
             raise Unauthorized("This route needs an API key: send the header 'Authorization: Bearer <key>'.",
                                headers={"WWW-Authenticate": 'Bearer realm="predq"'})
         key = self.ring.find(presented)
         if key is None:
-            log.info("request refused: unknown API key", extra={"method": request.method, "path": request.path,
-                                                                 "client": request.remote_addr})
+            log.info("request refused: unknown API key", extra={"method": method, "path": path,
+                                                                 "client": environ.get("REMOTE_ADDR")})
             raise Unauthorized("The API key is not valid.",
                                headers={"WWW-Authenticate": 'Bearer realm="predq", error="invalid_token"'})
-        g.principal = Principal(key.name, key.scopes)
+        return Principal(key.name, key.scopes), scope
+
+    def admit(self, principal: Principal, scope: str, method: str, route: str) -> None:
+        """Count a key's request against its limit (429 past it), then check the scope `route` needs (403)."""
+        if principal.name is None:  # no keys: nothing to count or check
+            return
         if self.limiter is not None:
-            decision = self.limiter.hit(key.name)
+            decision = self.limiter.hit(principal.name)
             if not decision.allowed:
                 raise RateLimited(f"This API key made more than {self.limiter.limit} requests in the last minute; "
                                   f"retry in {decision.retry_after} s.",
                                   headers={"Retry-After": str(decision.retry_after)})
-        if scope != ANY_KEY and not g.principal.allows(scope):
-            raise Forbidden(f"The API key {key.name!r} does not have the '{scope}' scope, which "
-                            f"{request.method} {rule.rule if rule else request.path} needs.",
-                            details={"required_scope": scope})
-        return None
+        if scope != ANY_KEY and not principal.allows(scope):
+            raise Forbidden(f"The API key {principal.name!r} does not have the '{scope}' scope, which "
+                            f"{method} {route} needs.", details={"required_scope": scope})
+
+    def response_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """The headers every answer gets, given the request's Origin: security headers, then CORS's."""
+        headers = list(SECURITY_HEADERS.items())
+        if self.cors:
+            headers.append(("Vary", "Origin"))
+            allowed = self.allowed_origin(origin)
+            if allowed is not None:
+                headers += [("Access-Control-Allow-Origin", allowed), ("Access-Control-Expose-Headers", _CORS_EXPOSED)]
+        return headers
 
     def decorate(self, response: Response) -> Response:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if self.cors:
-            response.vary.add("Origin")
-            origin = self._allowed_origin()
-            if origin is not None:
-                response.headers["Access-Control-Allow-Origin"] = origin
-                response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
+        """Flask's `after_request`: add `response_headers`, keeping security headers a route set itself."""
+        for name, value in self.response_headers(request.headers.get("Origin")):
+            if name == "Vary":
+                response.vary.add(value)
+            elif name in SECURITY_HEADERS:
+                response.headers.setdefault(name, value)
+            else:
+                response.headers[name] = value
         return response
 
 

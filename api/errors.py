@@ -37,45 +37,60 @@ def protocol(path: str) -> str:
     return "predq"
 
 
-def _body(status: int, code: str, message: str, details: dict | None) -> tuple[int, dict]:
-    """The status and body of an error in the protocol of the current route.
+def error_payload(status: int, code: str, message: str, details: dict | None = None,
+                  kind: str = "predq") -> tuple[int, bytes]:
+    """The status and JSON body of an error in a protocol's own form (see `protocol`).
 
     MLflow and the Open Inference Protocol refuse a request as a whole, with 400 where predq says 422 (input
     that cannot be predicted).
     """
-    kind = protocol(request.path) if has_request_context() else "predq"
     if kind == "predq":
         body: dict = {"code": code, "message": message}
         if details:
             body["details"] = details
-        return status, {"error": body}
+        return status, orjson.dumps({"error": body})
     if status == 422:
         status = 400
     if kind == "oip":
-        return status, {"error": message}
+        return status, orjson.dumps({"error": message})
     mlflow_code = "INVALID_PARAMETER_VALUE" if code == "invalid_parameter" else _MLFLOW_CODES.get(status, "BAD_REQUEST")
-    return status, {"error_code": mlflow_code, "message": message}
+    return status, orjson.dumps({"error_code": mlflow_code, "message": message})
+
+
+#: The answer to an error nobody foresaw (after `log_unhandled`): status, code, message.
+INTERNAL_ERROR = (500, "internal_error", "The service failed to handle this request; it has been logged.")
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None,
                    headers: dict | None = None) -> Response:
-    status, body = _body(status, code, message, details)
-    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    """An error in the protocol of the current route (predq's outside a request)."""
+    kind = protocol(request.path) if has_request_context() else "predq"
+    status, body = error_payload(status, code, message, details, kind)
+    response = Response(body, status=status, mimetype="application/json")
     for k, v in (headers or {}).items():
         response.headers[k] = v
     return response
 
 
-def _request_fields() -> dict:
+def request_fields(method: str, rule: str | None, path: str, view_args: dict) -> dict:
     """What a log line about a failed request says about it: method, route, path, and the job or model it named."""
-    rule = request.url_rule
-    fields = {"method": request.method, "route": rule.rule if rule is not None else None, "path": request.path}
-    args = request.view_args or {}
-    if "job_id" in args:
-        fields["job_id"] = args["job_id"]
-    if "name" in args and rule is not None and "/models/<name>" in rule.rule:
-        fields["model"] = args["name"]
+    fields = {"method": method, "route": rule, "path": path}
+    if "job_id" in view_args:
+        fields["job_id"] = view_args["job_id"]
+    if "name" in view_args and rule is not None and "/models/<name>" in rule:
+        fields["model"] = view_args["name"]
     return fields
+
+
+def _request_fields() -> dict:
+    rule = request.url_rule
+    return request_fields(request.method, rule.rule if rule is not None else None, request.path,
+                          request.view_args or {})
+
+
+def log_unhandled(method: str, path: str, fields: dict) -> None:
+    """Log the exception being handled, which no handler foresaw, with the request's fields."""
+    log.exception("unhandled error on %s %s", method, path, extra=fields)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -113,5 +128,5 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path, extra=_request_fields())
-        return error_response(500, "internal_error", "The service failed to handle this request; it has been logged.")
+        log_unhandled(request.method, request.path, _request_fields())
+        return error_response(*INTERNAL_ERROR)

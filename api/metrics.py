@@ -98,9 +98,14 @@ def _observe(response: Response) -> Response:
     return response
 
 
+def request_metrics() -> RequestMetrics:
+    """The current app's request and prediction counts."""
+    return current_app.extensions["predq.metrics"]
+
+
 def count_predictions(model: str, version: str, n: int) -> None:
     """Count rows a synchronous route predicted."""
-    current_app.extensions["predq.metrics"].count_predictions(model, version, n)
+    request_metrics().count_predictions(model, version, n)
 
 
 def queue_length(svc: Services) -> float:

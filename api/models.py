@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 from flask.blueprints import BlueprintSetupState
 
 from api import schemas
-from api.metrics import count_predictions
+from api.metrics import RequestMetrics, count_predictions, request_metrics
 from api.openapi import operation, path, query
 from api.parsing import json_body, parse_bool
 from api.responses import json_response
@@ -36,10 +36,12 @@ class PredictionFailed(PredqError):
 
 @dataclass
 class Serving:
-    """What this process keeps for single predictions: the micro-batcher and the prediction cache (or None)."""
+    """What this process keeps for single predictions: the micro-batcher, the prediction cache (or None), and the
+    most predict calls that may look for the failing rows of one request (BISECT_MAX_PREDICT_CALLS)."""
 
     batcher: Batcher
     cache: PredictionCache | None
+    bisect_max_calls: int
 
 
 def serving() -> Serving:
@@ -51,7 +53,8 @@ def _attach_serving(state: BlueprintSetupState) -> None:
     svc = state.app.extensions["predq"]
     s = svc.settings
     cache = PredictionCache(s.PREDICTION_CACHE_SIZE) if s.PREDICTION_CACHE_SIZE else None
-    state.app.extensions["predq.serving"] = Serving(Batcher(s.PREDICT_MAX_BATCH_SIZE, s.PREDICT_MAX_WAIT_MS), cache)
+    batcher = Batcher(s.PREDICT_MAX_BATCH_SIZE, s.PREDICT_MAX_WAIT_MS)
+    state.app.extensions["predq.serving"] = Serving(batcher, cache, s.BISECT_MAX_PREDICT_CALLS)
     for name in svc.registry.names():  # prove each model's array path now, not on its first request
         try:
             record_plan(svc.registry.get(name))
@@ -62,6 +65,10 @@ def _attach_serving(state: BlueprintSetupState) -> None:
     # of the p99 of single predictions. Frozen, a full collection walks only what was made since.
     gc.collect()
     gc.freeze()
+
+
+#: The URL rule of single predictions, the route label of their metrics.
+PREDICT_RULE = "/v1/models/<name>/predict"
 
 
 def _model() -> ModelVersion:
@@ -107,12 +114,12 @@ def _invalid(validation: Validation) -> InvalidInput:
     return InvalidInput(f"The row is invalid: {fields[0]['message']}.", details={"fields": fields})
 
 
-def _one(mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> tuple[Any, dict | None]:
+def _one(serving: Serving, mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> tuple[Any, dict | None]:
     """(prediction, probabilities) of one row on its own: validated, then predicted with the general path."""
     validation = validate(mv, columns, 1)
     if not validation.valid[0]:
         raise _invalid(validation)
-    scored = predict(mv, validation, probabilities, services().settings.BISECT_MAX_PREDICT_CALLS)
+    scored = predict(mv, validation, probabilities, serving.bisect_max_calls)
     if not len(scored.positions):
         raise PredictionFailed(f"The model could not predict this row: {scored.error_messages[0]}.")
     probas = None
@@ -121,19 +128,21 @@ def _one(mv: ModelVersion, columns: dict[str, Any], probabilities: bool) -> tupl
     return json_value(scored.predictions[0]), probas
 
 
-def _answer(mv: ModelVersion, prediction: Any, probas: dict | None) -> Response:
-    count_predictions(mv.name, mv.version, 1)
+def answered(metrics: RequestMetrics, mv: ModelVersion, prediction: Any, probas: dict | None) -> dict[str, Any]:
+    """The body of one prediction's answer; the prediction is counted."""
+    metrics.count_predictions(mv.name, mv.version, 1)
     body: dict[str, Any] = {"model": {"name": mv.name, "version": mv.version}, "prediction": prediction}
     if probas is not None:
         body["probabilities"] = probas
-    return json_response(body)
+    return body
 
 
-def _record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arrival) -> Response:
-    return _answer(mv, *score_record(mv, record, probabilities, arrival))
+def _answer(mv: ModelVersion, prediction: Any, probas: dict | None) -> Response:
+    return json_response(answered(request_metrics(), mv, prediction, probas))
 
 
-def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: Arrival) -> tuple[Any, dict | None]:
+def score_record(serving: Serving, mv: ModelVersion, record: dict, probabilities: bool,
+                 arrival: Arrival) -> tuple[Any, dict | None]:
     """One JSON object: validated alone, predicted together with concurrent requests for the same model file."""
     plan = record_plan(mv)
     probabilities = probabilities and plan.probabilities
@@ -142,7 +151,7 @@ def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: A
         row = plan.numeric.row(record)
         if row is None:  # a value that is not plainly valid: the general path names the problem exactly
             arrival.leave()
-            return _one(mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
+            return _one(serving, mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
         row_bytes = array("d", row).tobytes()
     else:
         row = plan.values(mv, record)
@@ -150,7 +159,7 @@ def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: A
         if not validation.valid[0]:
             raise _invalid(validation)
         row_bytes = orjson.dumps(row)
-    cache = serving().cache
+    cache = serving.cache
     cache_key = (plan.key, probabilities, row_bytes)
     if cache is not None:
         hit = cache.get(cache_key)
@@ -160,7 +169,7 @@ def score_record(mv: ModelVersion, record: dict, probabilities: bool, arrival: A
     try:
         answer = arrival.submit((plan.key, probabilities), row, lambda rows: plan.score(mv, rows, probabilities))
     except BatchFailed:  # a batch-mate's row (or this one) made the model raise: this row alone decides
-        answer = _one(mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
+        answer = _one(serving, mv, {f.name: [record.get(f.name)] for f in mv.features}, probabilities)
     if cache is not None:
         cache.put(cache_key, answer)
     return answer
@@ -185,8 +194,10 @@ def predict_all(mv: ModelVersion, columns: dict[str, Any], n_rows: int,
         check_columns(mv, list(columns), None)
     probabilities = probabilities and mv.task == "classification"
     if n_rows == 1 and all(isinstance(c, list) for c in columns.values()):
-        with serving().batcher.arrival() as arrival:
-            prediction, probas = score_record(mv, {k: c[0] for k, c in columns.items()}, probabilities, arrival)
+        current = serving()
+        with current.batcher.arrival() as arrival:
+            prediction, probas = score_record(current, mv, {k: c[0] for k, c in columns.items()}, probabilities,
+                                              arrival)
         return [prediction], ([list(probas.values())] if probas is not None else None)
     validation = validate(mv, columns, n_rows)
     if not validation.valid.all():
@@ -226,20 +237,21 @@ def _many(mv: ModelVersion, rows: list, probabilities: bool) -> Response:
     return json_response(body)
 
 
-@bp.post("/v1/models/<name>/predict")
+@bp.post(PREDICT_RULE)
 @operation("post", "/v1/models/{name}/predict", summary="Predict one row or a few",
            params=[path("name"), _VERSION, _PROBAS],
            body={"application/json": {"schema": {"oneOf": [{"type": "object"}, {"type": "array", "items": {"type": "object"}}]}}},
            responses={200: schemas.PredictOne, 400: None, 404: None, 413: None, 415: None, 422: None})
 def predict_post(name: str) -> Response:
     """One object answers with one prediction; an array answers with a prediction or an error per row."""
-    with serving().batcher.arrival() as arrival:
+    current = serving()
+    with current.batcher.arrival() as arrival:
         probabilities = parse_bool("probabilities", request.args.get("probabilities"))
         s = services().settings
         body = json_body(request, s.MAX_JSON_BYTES)
         mv = _model()
         if isinstance(body, dict):
-            return _record(mv, body, probabilities, arrival)
+            return _answer(mv, *score_record(current, mv, body, probabilities, arrival))
     if isinstance(body, list):
         if not body:
             raise EmptyInput("The array has no rows; send at least one object.")
@@ -261,4 +273,4 @@ def predict_get(name: str) -> Response:
     mv = _model()
     columns = {f.name: pa.array([request.args[f.name]], type=pa.string())
                for f in mv.features if f.name in request.args and request.args[f.name] != ""}
-    return _answer(mv, *_one(mv, columns, probabilities))
+    return _answer(mv, *_one(serving(), mv, columns, probabilities))

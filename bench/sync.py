@@ -1,13 +1,14 @@
 """Single-prediction benchmark: predq next to the peer servers of /work/shared/bench-peers, in one run.
 
-    .venv/bin/python bench/sync.py [--cache] [--direct] [--peers "flask bento mlflow1"] [--duration 10] [--rotate]
-                                   [--env NAME=VALUE ...] [--keep]
+    .venv/bin/python bench/sync.py [--cache] [--direct] [--fast-path-off] [--peers "flask bento mlflow1"]
+                                   [--duration 10] [--rotate] [--env NAME=VALUE ...] [--keep]
 
 The peers' model (`$MODEL_DIR/logreg.joblib`, made by the peers' setup.sh) is deployed into a temporary MODELS_DIR as
 predq model `logreg` (a model.json naming its 20 features, with the file's sha256 recorded), a private
 Redis-compatible server is started (never the shared one on 6379), and the peers' `run_all.sh` is run with predq
 added as a `--target`: the Procfile's `web` line, started and stopped by run_all.sh, POSTing the peers' flat
-record to `/v1/models/logreg/predict`. With --cache a second predq target runs with PREDICTION_CACHE_SIZE set.
+record to `/v1/models/logreg/predict`. With --cache a second predq target runs with PREDICTION_CACHE_SIZE set;
+with --fast-path-off another one runs with PREDICT_FAST_PATH=off (every request through Flask).
 The prediction cache is off for the first target whatever the environment says. run_all.sh prints the table.
 
 See bench/README.md.
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds of each load phase (default 10)")
     parser.add_argument("--direct", action="store_true",
                         help='add a target whose model has "direct_predict": true in its model.json (cache off)')
+    parser.add_argument("--fast-path-off", action="store_true",
+                        help="add a target with PREDICT_FAST_PATH=off (single predictions through Flask)")
     parser.add_argument("--rotate", action="store_true", help="ROTATE=1: 10,000 distinct rows in turn")
     parser.add_argument("--no-limits", action="store_true", help="skip the in-process limits")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         body = MODEL_DIR / ("bodies_record.jsonl" if args.rotate else "body_record.json")
         targets = [("predq: gunicorn gthread, micro-batching, cache off", MODEL_NAME,
                     {**extra, "PREDICTION_CACHE_SIZE": "0"})]
+        if args.fast_path_off:
+            targets.append(("predq: same, PREDICT_FAST_PATH=off", MODEL_NAME,
+                            {**extra, "PREDICTION_CACHE_SIZE": "0", "PREDICT_FAST_PATH": "off"}))
         if args.direct:
             targets.append(('predq: same, model.json "direct_predict": true', DIRECT_MODEL_NAME,
                             {**extra, "PREDICTION_CACHE_SIZE": "0"}))

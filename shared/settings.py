@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     PREDICT_MAX_BATCH_SIZE: int = Field(64, ge=1, description="Single predictions merged into one predict call.")
     PREDICT_MAX_WAIT_MS: float = Field(2.0, ge=0, description="Longest a batch waits for requests on their way.")
     PREDICTION_CACHE_SIZE: int = Field(0, ge=0, description="Answers kept per web process; 0: no cache.")
+    PREDICT_FAST_PATH: Literal["on", "off"] = Field("on", description="Serve single predictions of one JSON object "
+                                                    "without Flask's request handling (same answers); off: through Flask.")
     RESULT_TTL: int = Field(7 * 24 * 3600, ge=60, description="Seconds a finished job and its results are kept.")
     CHUNK_SIZE: int = Field(0, ge=0, description="Rows per chunk; 0 picks it from the row width.")
     CHUNK_TARGET_CELLS: int = Field(500_000, ge=1000, description="Cells per chunk when CHUNK_SIZE is 0.")

@@ -14,6 +14,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+from flask import request_started
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
@@ -233,6 +234,30 @@ def test_invalid_rows_keep_their_exact_errors_and_never_enter_a_batch(make_app):
         {"name": "f4", "code": "missing_feature", "message": "feature 'f4' is missing"}]
     assert all(f.result().status_code == 200 for f in good)
     assert batches(app)[1] == len(valid) == sum(_calls)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "Flask"])
+def test_either_path_merges_requests_and_keeps_their_errors_apart(make_app, fast_path):
+    """With PREDICT_FAST_PATH on or off: 16 held requests take 2 predict calls, the row the model rejects fails
+    alone, invalid rows sent meanwhile get their own 422; the fast path answers every one of them without Flask."""
+    app = make_app(PREDICT_FAST_PATH="on" if fast_path else "off")
+    rows = rows_of(16, seed=16)
+    rows[7]["f2"] = SENTINEL
+    invalid = [dict(rows[0], f0="abc"), dict(rows[0], f1=None)]
+    in_flask: list[str] = []
+    with request_started.connected_to(lambda sender, **_: in_flask.append("request"), app), \
+            ThreadPoolExecutor(16) as pool:
+        responses = hold_one_then_queue(app, pool, rows)
+        refused = list(pool.map(lambda r: post(app, "gated", r), invalid))
+    assert _calls[:2] == [1, 15] and sorted(_calls[2:]) == [1] * 15
+    assert responses[7].status_code == 422 and responses[7].json["error"]["code"] == "prediction_failed"
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        if i != 7:
+            assert response.status_code == 200, response.json
+            assert response.json["prediction"] == expected_value(app, "gated", row)
+    assert [(r.status_code, r.json["error"]["details"]["fields"][0]["name"]) for r in refused] == [
+        (422, "f0"), (422, "f1")]
+    assert len(in_flask) == (0 if fast_path else len(rows) + len(invalid))
 
 
 # -- waiting --------------------------------------------------------------------------------------------
