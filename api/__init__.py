@@ -7,6 +7,7 @@ from typing import Any
 from flask import Flask
 
 from shared.logs import configure_logging
+from shared.memory import arrow_allocates_with_malloc
 from shared.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     settings = load_settings(config)
     configure_logging(settings.LOG_LEVEL)
+    arrow_allocates_with_malloc()
     for warning in settings.warnings():
         log.warning(warning)
     app = Flask(__name__)

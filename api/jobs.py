@@ -38,7 +38,7 @@ from shared.errors import (
     UnsupportedMediaType,
 )
 from shared.idempotency import Claim, Fingerprint, IdempotencyKeys
-from shared.ingest import check_columns, chunk_rows_for, first_batch, store_chunks
+from shared.ingest import check_columns, chunk_rows_for, nonempty, store_chunks
 from shared.jobs import TERMINAL, Job, JobOptions, Status
 from shared.memory import release_freed_memory
 from shared.readers import Batch, CsvPiece, Limits, detect_format, open_reader, records_batches
@@ -85,7 +85,7 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
     """
     s = svc.settings
     wanted = _wanted(mv, req)
-    first, rest = first_batch(batches)
+    batches = nonempty(batches)
     options = JobOptions(id_column=req.id_column, probabilities=req.probabilities, chunk_size=req.chunk_size,
                          max_error_rate=req.max_error_rate)
     job_id = svc.store.create(model=mv.name, version=mv.version, sha256=mv.sha256, options=options,
@@ -98,7 +98,7 @@ def _ingest(svc: Services, mv: ModelVersion, req: schemas.JobRequest, source_for
             svc.idempotency.renew(claim)
 
     try:
-        chunker = store_chunks(svc.store, job_id, mv, first, rest, columns=columns or wanted, wanted=wanted,
+        chunker = store_chunks(svc.store, job_id, mv, batches, columns=columns or wanted, wanted=wanted,
                                chunk_rows=chunk_rows, compression=s.CHUNK_COMPRESSION,
                                send=partial(send_chunk, svc.celery), before_chunk=before_chunk,
                                limits=Limits.from_settings(svc.settings))

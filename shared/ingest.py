@@ -171,17 +171,25 @@ class BackgroundEmitter:
         self._futures = []
 
 
-def first_batch(batches: Iterable[Batch | CsvPiece]) -> tuple[Batch | CsvPiece, Iterator[Batch | CsvPiece]]:
-    """The first batch that holds a row (or a row error), and the rest; EmptyInput when there is none."""
+def nonempty(batches: Iterable[Batch | CsvPiece]) -> Iterator[Batch | CsvPiece]:
+    """The batches from the first that holds a row (or a row error) on; EmptyInput when there is none.
+
+    That first batch is read now, so that an empty input is refused before a job exists; once handed out, nothing
+    here keeps it (a CSV piece is megabytes).
+    """
     iterator = iter(batches)
     for batch in iterator:
         if batch.rows if isinstance(batch, CsvPiece) else (batch.table.num_rows or batch.errors):
-            return batch, iterator
+            return _handed_out([batch], iterator)
     raise EmptyInput("The input has no rows.")
 
 
-def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | CsvPiece,
-                 rest: Iterator[Batch | CsvPiece], *, columns: list[str], wanted: list[str], chunk_rows: int,
+def _handed_out(first: list[Batch | CsvPiece], rest: Iterator[Batch | CsvPiece]) -> Iterator[Batch | CsvPiece]:
+    yield first.pop()  # popped, not kept by this generator (itertools.chain would keep it to the end)
+    yield from rest
+
+
+def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, batches: Iterator[Batch | CsvPiece], *, columns: list[str], wanted: list[str], chunk_rows: int,
                  compression: str, send: Callable[[str, int], None],
                  before_chunk: Callable[[], None] = lambda: None, limits: Limits | None = None) -> Chunker:
     """Store the input as chunks of a job, sending each chunk's message as the job's window allows.
@@ -214,11 +222,10 @@ def store_chunks(store: JobStore, job_id: str, mv: ModelVersion, first: Batch | 
         if outcome == "gone":
             raise JobNotFound("The job was deleted while its input was being read.")
 
-    emitter = BackgroundEmitter(emit)
+    emitter = BackgroundEmitter(emit, depth=1)  # one chunk stored while the next is read: each is megabytes
     chunker = Chunker(chunk_rows, emitter, max_rows=limits.max_rows, max_bytes=limits.max_batch_bytes)
     try:
-        chunker.add(first)
-        for batch in rest:
+        for batch in batches:
             chunker.add(batch)
         chunker.close()
         emitter.close()
@@ -271,8 +278,7 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
                 open_reader(fmt, stream, wanted=wanted, batch_rows=size, spool_dir=spool_dir, split_csv=True,
                             limits=limits) as reader:
             check_columns(mv, reader.columns, job.options.id_column)
-            first, rest = first_batch(reader)
-            chunker = store_chunks(store, job_id, mv, first, rest, columns=reader.columns, wanted=wanted,
+            chunker = store_chunks(store, job_id, mv, nonempty(reader), columns=reader.columns, wanted=wanted,
                                    chunk_rows=size, compression=compression, send=send, limits=limits)
         return store.finish_ingest(job_id, chunker.total_rows, chunker.chunks)
     except PredqError as e:

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from shared import blobs, writers
-from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text
-from shared.readers import Batch, RowError
+from shared.ingest import Chunker, chunk_rows_for, narrow_numeric_text, nonempty
+from shared.readers import Batch, CsvPiece, RowError
 from shared.registry import Feature, ModelVersion
 
 
@@ -201,10 +201,28 @@ def test_a_job_of_random_floats_stores_its_chunks_uncompressed_after_the_first(t
         batches = [Batch(pa.table({**{c: values(rng, 1000) for c in names},
                                    blobs.ROW: pa.array(range(k * 1000, (k + 1) * 1000), type=pa.int64())}), [])
                    for k in range(4)]
-        first, rest = ingest.first_batch(iter(batches))
-        ingest.store_chunks(store, job_id, mv, first, rest, columns=names, wanted=names, chunk_rows=1000,
+        ingest.store_chunks(store, job_id, mv, ingest.nonempty(batches), columns=names, wanted=names, chunk_rows=1000,
                             compression="zstd", send=lambda *_: None)
         assert used == ["zstd"] + expected
         for k in range(4):  # every chunk reads back whatever it was stored with
             table, _ = blobs.decode(store.input_blob(job_id, k))
             assert table.num_rows == 1000
+
+
+def test_the_first_batch_is_not_kept_once_handed_out():
+    """An upload's first CSV piece (megabytes) is freed once stored, not held by the iterator to the end."""
+    import weakref
+
+    class Data:  # stands for the piece's bytes, which take no weak references
+        pass
+
+    def read():  # as a reader does: nothing kept once yielded
+        yield CsvPiece(Data(), 1, 0)
+        yield CsvPiece(b"1\n", 1, 1)
+
+    batches = nonempty(read())
+    first = next(batches)
+    gone = weakref.ref(first.data)
+    del first
+    assert gone() is None
+    assert next(batches).base == 1
