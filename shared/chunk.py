@@ -132,7 +132,7 @@ def _commit(store: JobStore, send: Send, job: Job, index: int, started: float, s
     return status
 
 
-def _model_copy(registry: Registry, job: Job) -> ModelVersion | None:
+def model_copy(registry: Registry, job: Job) -> ModelVersion | None:
     """This worker's copy of the job's model version, or None when it has none."""
     try:
         return registry.get(job.model, job.version)
@@ -142,6 +142,13 @@ def _model_copy(registry: Registry, job: Job) -> ModelVersion | None:
 
 def _short(sha256: str) -> str:
     return f"{sha256[:12]}..." if sha256 else "none"
+
+
+def no_worker_has_the_model(store: JobStore, job: Job, what: str) -> str:
+    """The failure message of a job that only workers with other copies of its model were offered."""
+    copies = ", ".join(f"{name} has {_short(sha)}" for name, sha in sorted(store.refusers(job.id).items()))
+    return (f"No worker has model {job.model!r} version {job.version!r} with the sha256 {_short(job.sha256)} this "
+            f"job was created with: {what} ({copies}). Deploy the same model file to every worker.")
 
 
 def _refuse(store: JobStore, job: Job, index: int, found: str, worker: str, send: Send,
@@ -155,12 +162,9 @@ def _refuse(store: JobStore, job: Job, index: int, found: str, worker: str, send
     context = {"job_id": job.id, "chunk": index, "worker": worker, "model": job.model, "version": job.version,
                "worker_sha256": found or None, "job_sha256": job.sha256, "refusals": refusals}
     if outcome == "exhausted":
-        copies = ", ".join(f"{name} has {_short(sha)}" for name, sha in sorted(store.refusers(job.id).items()))
-        message = (f"No worker has model {job.model!r} version {job.version!r} with the sha256 "
-                   f"{_short(job.sha256)} this job was created with: chunk {index} was refused {refusals} "
-                   f"times ({copies}). Deploy the same model file to every worker.")
         log.error("job failed: no worker has its model", extra=context)
-        return store.stop(job.id, "fail", "model_not_found", message)
+        return store.stop(job.id, "fail", "model_not_found",
+                          no_worker_has_the_model(store, job, f"chunk {index} was refused {refusals} times"))
     if reroute is None:
         send(job.id, index)
         target = None
@@ -185,7 +189,7 @@ def process_chunk(store: JobStore, registry: Registry, job_id: str, index: int, 
     if job is None:
         return "gone"
     add_log_context(model=job.model, version=job.version)
-    mv = _model_copy(registry, job)
+    mv = model_copy(registry, job)
     if mv is None or mv.sha256 != job.sha256:
         return _refuse(store, job, index, mv.sha256 if mv else "", worker, send, reroute)
     outcome, attempt, blob = store.claim(job_id, index)

@@ -51,9 +51,9 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def send_read(app: Celery, job_id: str) -> None:
-    """Send a source job to a worker, which reads its input into chunks."""
-    app.send_task(READ_SOURCE, args=[job_id])
+def send_read(app: Celery, job_id: str, queue: str | None = None) -> None:
+    """Send a source job to a worker, which reads its input into chunks (`queue`: one worker's own queue)."""
+    app.send_task(READ_SOURCE, args=[job_id], **({"queue": queue} if queue else {}))
 
 
 def send_output(app: Celery, job_id: str) -> None:

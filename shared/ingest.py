@@ -1,9 +1,10 @@
 """Turning an input (a stream of row batches) into stored chunks, sent to workers as each is complete."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared import blobs
+from shared.chunk import model_copy, no_worker_has_the_model
 from shared.errors import (
     ChunkStoreUnavailable,
     EmptyInput,
@@ -18,13 +20,14 @@ from shared.errors import (
     InvalidParameterValue,
     JobNotFound,
     MissingColumns,
-    ModelNotFound,
     PredqError,
 )
-from shared.jobs import JobStore
+from shared.jobs import Job, JobStore
 from shared.readers import Batch, CsvPiece, Limits, RowError, detect_format, open_reader, too_many_rows
 from shared.registry import ModelVersion, Registry
 from shared.sources import check_allowed, open_source
+
+log = logging.getLogger(__name__)
 
 
 def chunk_rows_for(n_columns: int, requested: int | None, fixed: int, target_cells: int, max_rows: int) -> int:
@@ -249,17 +252,28 @@ def check_columns(mv: ModelVersion, columns: list[str], id_column: str | None) -
                                                          "message": "not a column of the input"}]})
 
 
+#: Sends a refused source read to a worker that has not refused its job (given those that did); returns the
+#: worker it was sent to, or None when it went back to the shared queue.
+RerouteRead = Callable[[str, Collection[str]], str | None]
+
+
 def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Callable[[str, int], None],
-                chunk_rows: Callable[[int, int | None], int], compression: str, roots: list[str],
-                stale_after: float, spool_dir: str | None = None) -> str:
+                reroute: RerouteRead, chunk_rows: Callable[[int, int | None], int], compression: str,
+                roots: list[str], stale_after: float, spool_dir: str | None = None, worker: str = "") -> str:
     """Read a source job's input into chunks (in a worker); a problem ends the job `failed` with its code.
 
-    The message may be delivered twice: a second reader leaves a read that is progressing alone, and fails the
-    job when the first reader has gone silent (its chunks so far cannot be told from a fresh start).
+    A worker whose copy of the job's model differs from the one the job pinned (or that has none) hands the read
+    back before it begins, with `reroute`, as a chunk is refused: the job fails only once MAX_CHUNK_REFUSALS
+    refusals found no worker with the right copy. The message may be delivered twice: a second reader leaves a
+    read that is progressing alone, and fails the job when the first reader has gone silent (its chunks so far
+    cannot be told from a fresh start).
     """
     job = store.get(job_id)
     if job is None or job.source is None:
         return "gone"
+    mv = model_copy(registry, job)
+    if mv is None or mv.sha256 != job.sha256:
+        return _refuse_read(store, job, mv.sha256 if mv else "", worker, reroute)
     try:
         if not store.begin_source_read(job_id):
             read_at = store.last_read_at(job_id)
@@ -267,9 +281,6 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
                 return "duplicate"
             raise InternalError("Reading the source was interrupted (its worker stopped); start the job again.")
         check_allowed(job.source, roots)
-        mv = registry.get(job.model, job.version)
-        if mv.sha256 != job.sha256:
-            raise ModelNotFound(f"Model {job.model!r} version {job.version!r} changed after the job was created.")
         fmt = detect_format(job.source.split("?")[0], None)
         wanted = [f.name for f in mv.features] + ([job.options.id_column] if job.options.id_column else [])
         size = chunk_rows(len(wanted), job.options.chunk_size)
@@ -284,7 +295,32 @@ def read_source(store: JobStore, registry: Registry, job_id: str, *, send: Calla
     except PredqError as e:
         # The job's error codes are the contract's: a failing chunk store is an internal error of the service.
         store.stop(job_id, "fail", "internal_error" if isinstance(e, ChunkStoreUnavailable) else e.code, e.message)
-        current = store.get(job_id)
-        if current is None:
-            return "gone"
-        return store.finish_ingest(job_id, current.rows_read, current.chunks_seen)
+        return _close_input(store, job_id)
+
+
+def _close_input(store: JobStore, job_id: str) -> str:
+    """End the input of a job whose read stopped early, so that it settles with what it has."""
+    current = store.get(job_id)
+    if current is None:
+        return "gone"
+    return store.finish_ingest(job_id, current.rows_read, current.chunks_seen)
+
+
+def _refuse_read(store: JobStore, job: Job, found: str, worker: str, reroute: RerouteRead) -> str:
+    """Leave a source read to a worker whose copy of the model is the job's; fail the job once refused too often."""
+    outcome, refusals = store.refuse_source(job.id, worker, found)
+    if outcome in ("gone", "done"):
+        return outcome
+    if outcome == "stop":  # cancelled before any read: nothing will come, so the job settles now
+        return _close_input(store, job.id)
+    context = {"job_id": job.id, "worker": worker, "model": job.model, "version": job.version,
+               "worker_sha256": found or None, "job_sha256": job.sha256, "refusals": refusals}
+    if outcome == "exhausted":
+        log.error("job failed: no worker has its model", extra=context)
+        store.stop(job.id, "fail", "model_not_found",
+                   no_worker_has_the_model(store, job, f"its input's read was refused {refusals} times"))
+        return _close_input(store, job.id)
+    target = reroute(job.id, store.refusers(job.id))
+    log.warning("source read refused: this worker's copy of the model differs from the job's; left to another "
+                "worker", extra={**context, "sent_to": target})
+    return "refused"

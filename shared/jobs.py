@@ -190,6 +190,7 @@ class JobStore:
         self._commit = client.register_script(lua.COMMIT_CHUNK)
         self._skip = client.register_script(lua.SKIP_CHUNK)
         self._refuse = client.register_script(lua.REFUSE_CHUNK)
+        self._refuse_source = client.register_script(lua.REFUSE_SOURCE)
         self._stop = client.register_script(lua.STOP_JOB)
         self._release = client.register_script(lua.RELEASE_CHUNK)
 
@@ -347,6 +348,12 @@ class JobStore:
         """Hand a chunk back unclaimed (this worker's model copy differs): ('refused' or 'exhausted', refusals so far)
         or (like claim: 'gone', 'done', 'stop', 0). 'exhausted': it was refused more than max_refusals times."""
         reply = self._refuse(self._keys(job_id), [index, time.time(), worker, worker_sha256, self.max_refusals])
+        return self._decode(reply[0]), (int(reply[1]) if len(reply) > 1 else 0)
+
+    def refuse_source(self, job_id: str, worker: str, worker_sha256: str) -> tuple[str, int]:
+        """Hand a source job's read back before it began (this worker's model copy differs): as `refuse`, with
+        'done' also when another worker has begun the read."""
+        reply = self._refuse_source(self._keys(job_id), [worker, worker_sha256, self.max_refusals])
         return self._decode(reply[0]), (int(reply[1]) if len(reply) > 1 else 0)
 
     def refusers(self, job_id: str) -> dict[str, str]:

@@ -189,6 +189,20 @@ redis.call('HSET', sent, idx, now)
 return {'refused', n}
 """
 
+# ARGV: worker, worker_sha256, max_refusals -> {'refused'|'exhausted', n} | {'gone'} | {'done'} | {'stop'}
+#   A source job's read handed back before it began (this worker's model copy differs); n counts the read's
+#   refusals, under the field 'source' of the refusals hash, beside the chunks' own.
+REFUSE_SOURCE = _PRELUDE + r"""
+if redis.call('EXISTS', job) == 0 then return {'gone'} end
+if TERMINAL[redis.call('HGET', job, 'status')] then return {'done'} end
+if redis.call('HGET', job, 'stop') then return {'stop'} end
+if redis.call('HEXISTS', job, 'read_started') == 1 then return {'done'} end
+local n = redis.call('HINCRBY', refusals, 'source', 1)
+redis.call('HSET', refusals, 'by:' .. ARGV[1], ARGV[2])
+if n > tonumber(ARGV[3]) then return {'exhausted', n} end
+return {'refused', n}
+"""
+
 # ARGV: idx -> 1 when a claim's attempt was given back (the chunk store failed, not the chunk), else 0
 RELEASE_CHUNK = _PRELUDE + r"""
 if redis.call('HEXISTS', attempts, ARGV[1]) == 0 then return 0 end

@@ -83,6 +83,14 @@ def _reroute(job_id: str, index: int, refusers: Collection[str]) -> str | None:
     return target
 
 
+def _reroute_read(job_id: str, refusers: Collection[str]) -> str | None:
+    """Send a refused source read to a worker that has not refused its job, or back to the shared queue."""
+    s = get_settings()
+    target = pick_peer(_redis(), refusers, stale_after=s.WORKER_STALE_SECONDS, heartbeat_interval=s.HEARTBEAT_INTERVAL)
+    send_read(app, job_id, worker_queue(target) if target else None)
+    return target
+
+
 def _finished(job_id: str) -> None:
     """A job just became terminal here: make that durable, and have a run's files written."""
     _durability().wait()
@@ -210,8 +218,9 @@ def read_source(job_id: str) -> None:
     """Read a source job's input into chunks; problems with the source end the job failed."""
     s = get_settings()
     outcome = run_read_source(
-        _store(), _registry(), job_id, send=_send, compression=s.CHUNK_COMPRESSION, roots=s.source_roots,
-        stale_after=s.STALE_CHUNK_SECONDS, spool_dir=s.SPOOL_DIR,
+        _store(), _registry(), job_id, send=_send, reroute=_reroute_read, compression=s.CHUNK_COMPRESSION,
+        roots=s.source_roots, stale_after=s.STALE_CHUNK_SECONDS, spool_dir=s.SPOOL_DIR,
+        worker=read_source.request.hostname or "",
         chunk_rows=lambda n_columns, requested: chunk_rows_for(n_columns, requested, s.CHUNK_SIZE,
                                                                s.CHUNK_TARGET_CELLS, s.MAX_CHUNK_ROWS))
     if outcome in TERMINAL:

@@ -74,8 +74,10 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, chunk_store: str):
         pytest.skip(f"cannot build separate hosts with network namespaces: {reason}")
     root = tmp_path_factory.mktemp(f"hosts-{chunk_store}")
     models_a = install(root / "models-a", classifier(seed=0))
+    (root / "sources").mkdir()
     print(f"process logs under {root}")
-    return netns.Cluster(root, str(models_a), SETTINGS, chunk_store=chunk_store)
+    return netns.Cluster(root, str(models_a), {**SETTINGS, "SOURCE_ROOTS": str(root / "sources")},
+                         chunk_store=chunk_store)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,16 @@ def workers(cluster, start_workers):
 def submit(cluster: netns.Cluster, body, content_type: str) -> dict:
     response = requests.post(f"{cluster.api.url}/v1/jobs", data=body, timeout=180,
                              headers={**cluster.headers(), "Content-Type": content_type})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def submit_source(cluster: netns.Cluster, csv_body: bytes) -> dict:
+    """A job whose input a worker reads from a file every host sees (one file system, separate networks)."""
+    source = Path(cluster.root) / "sources" / "rows.csv"
+    source.write_bytes(csv_body)
+    response = requests.post(f"{cluster.api.url}/v1/jobs", timeout=60, headers=cluster.headers(),
+                             json={"model": MODEL, "source": f"file://{source}", "chunk_size": CHUNK_ROWS})
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -333,3 +345,31 @@ def test_a_job_no_worker_has_the_model_for_fails_after_a_bounded_number_of_refus
     refusals = [rec for rec in procs["c"].records()
                 if rec.get("job_id") == job["id"] and rec.get("message", "").startswith("chunk refused")]
     assert refusals and all(rec["sent_to"] is None for rec in refusals)
+
+
+def test_a_source_job_is_read_by_a_host_with_the_model_copy_it_was_created_with(cluster, workers, frame, csv_body):
+    """Hosts b and c take source reads from one queue; c's copy of the model differs. Whichever gets the read, the
+    job is read and predicted exactly by b: a read that reaches c is handed to b, and c says so in its log."""
+    other = install(Path(cluster.root) / "models-c-other", classifier(seed=99))
+    procs = workers({"b": host_models(cluster, "b"), "c": str(other)})
+    job = submit_source(cluster, csv_body)
+    done = wait_done(cluster, job["id"])
+    assert_exact(cluster, done, frame)
+    assert set(committers(cluster, job["id"]).values()) == {procs["b"].name}
+    refusals = [rec for rec in procs["c"].records()
+                if rec.get("job_id") == job["id"] and rec.get("message", "").startswith("source read refused")]
+    assert all(rec["sent_to"] == procs["b"].name for rec in refusals), refusals
+
+
+def test_a_source_job_no_worker_has_the_model_for_fails_after_a_bounded_number_of_refusals(cluster, workers, frame):
+    """The only worker has another copy of the model: it hands the read back up to MAX_CHUNK_REFUSALS times, then
+    the job fails, naming the copy it found."""
+    other = install(Path(cluster.root) / "models-c-other", classifier(seed=99))
+    procs = workers({"c": str(other)})
+    job = submit_source(cluster, frame.head(5 * CHUNK_ROWS).to_csv(index=False, float_format="%.17g").encode())
+    done = wait_done(cluster, job["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "model_not_found", done
+    other_sha = Registry(str(other)).get(MODEL).sha256
+    assert f"{procs['c'].name} has {other_sha[:12]}" in done["error"]["message"]
+    assert "its input's read was refused 11 times" in done["error"]["message"]  # MAX_CHUNK_REFUSALS (10) + 1
+    assert done["counts"]["total"] == 0 and done["workers"] == {}
