@@ -471,26 +471,36 @@ class JobStore:
         """Active jobs by status, and when the oldest chunk message still waiting in the broker was sent.
 
         A chunk waits from its last send until a worker claims it (a claim older than the send is a lost
-        message the reconciler sent again). One round trip for all active jobs.
+        message the reconciler sent again). A committed chunk's send time is removed as it commits, so this
+        reads each job's chunks on their way, not all of its chunks: two round trips for all active jobs.
         """
         ids = self.active_ids()
         with self.r.pipeline(transaction=False) as p:
             for job_id in ids:
                 p.hget(keys.job(job_id), "status")
                 p.hgetall(keys.sent(job_id))
-                p.hgetall(keys.running(job_id))
-                p.smembers(keys.done(job_id))
             replies = p.execute()
         by_status: dict[str, int] = {}
-        oldest: float | None = None
-        for k in range(0, len(replies), 4):
-            status, sent, running, done = replies[k:k + 4]
+        waiting: list[tuple[str, dict]] = []
+        for job_id, status, sent in zip(ids, replies[0::2], replies[1::2]):
             if status is None or Status(status.decode()).terminal:
                 continue
             by_status[status.decode()] = by_status.get(status.decode(), 0) + 1
-            for idx, at in sent.items():
+            if sent:
+                waiting.append((job_id, sent))
+        if not waiting:
+            return by_status, None
+        with self.r.pipeline(transaction=False) as p:
+            for job_id, sent in waiting:
+                idxs = list(sent)
+                p.hmget(keys.running(job_id), idxs)
+                p.smismember(keys.done(job_id), idxs)  # a chunk sent again by the reconciler as it committed
+            replies = p.execute()
+        oldest: float | None = None
+        for (_, sent), claimed, done in zip(waiting, replies[0::2], replies[1::2]):
+            for (idx, at), claimed_at, is_done in zip(sent.items(), claimed, done):
                 at = float(at)
-                if idx not in done and float(running.get(idx, 0)) < at and (oldest is None or at < oldest):
+                if not is_done and float(claimed_at or 0) < at and (oldest is None or at < oldest):
                     oldest = at
         return by_status, oldest
 

@@ -54,11 +54,13 @@ local function feed(now)
   return out
 end
 
--- A sent chunk has left the broker for good (committed or skipped): it frees a place in the window.
+-- A sent chunk has left the broker for good (committed or skipped): it frees a place in the window, and its
+-- send time goes, so that `sent` holds only the chunks on their way (what a /metrics scrape reads).
 local function settle(idx)
   if tonumber(idx) < num(job, 'sent_upto') then
     redis.call('HSET', job, 'queued', math.max(num(job, 'queued') - 1, 0))
   end
+  redis.call('HDEL', sent, idx)
 end
 
 -- Prepend a status to a list of chunk indexes to send.

@@ -164,6 +164,16 @@ def test_store_state_is_read_at_scrape_time(app, models_dir):
     assert value(families, "predq_jobs", status="running") == 1
     assert before - 2000 <= value(families, "predq_queue_oldest_age_seconds") <= time.time() - 2000
 
+    # A committed chunk leaves `sent` (what a scrape reads is the chunks on their way, not all of a job's); one the
+    # reconciler sent again as it committed is not waiting either.
+    store.claim(job_id, 1)
+    store.commit(job_id, 1, 5, 0, b"", b"")
+    assert store.r.hkeys(keys.sent(job_id)) == [b"0"]
+    store.r.hset(keys.sent(job_id), 1, 500.0)  # committed chunk 1, sent again long ago: not waiting
+    store.mark_sent(job_id, 0)  # chunk 0's message sent again after its claim: waiting again, from now
+    families = scrape(client)
+    assert 0 <= value(families, "predq_queue_oldest_age_seconds") < 60
+
     nobody = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
     app.extensions["predq"] = dataclasses.replace(app.extensions["predq"], redis=nobody)
     families = scrape(client)
